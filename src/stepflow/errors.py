@@ -1,0 +1,56 @@
+"""Exceptions raised by stepflow.
+
+Every error a user can trigger by bad input derives from :class:`StepflowError` and carries a
+message that names what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class StepflowError(Exception):
+    """Base class of every error stepflow raises on purpose."""
+
+
+class PipelineDefinitionError(StepflowError):
+    """A pipeline is malformed. ``problems`` lists every problem found, not just the first."""
+
+    def __init__(self, pipeline: str, problems: Iterable[str]) -> None:
+        self.pipeline = pipeline
+        self.problems: list[str] = list(problems)
+        count = len(self.problems)
+        head = f"pipeline '{pipeline}' is invalid ({count} problem{'s' if count != 1 else ''}):"
+        super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
+
+
+class StepOutputUsageError(StepflowError):
+    """A step's output placeholder was used as if it were a value while recording a pipeline."""
+
+
+class UnknownOperatorError(StepflowError):
+    """A step names a step operator that is not available."""
+
+
+class StepFailedError(StepflowError):
+    """Raised by :meth:`RunResult.raise_for_status` when a run did not succeed."""
+
+
+class OutputNotPicklableError(StepflowError):
+    """A step returned a value that cannot be serialized with cloudpickle."""
+
+
+class StepTimeoutError(StepflowError, TimeoutError):
+    """A step attempt ran longer than its ``timeout``."""
+
+
+class NonRetryableError(StepflowError):
+    """Raise (or subclass) this inside a step to fail it at once, without using its retries."""
+
+
+class PipelineLoadError(StepflowError):
+    """A ``module:attribute`` pipeline reference could not be loaded."""
+
+
+class ParameterError(StepflowError):
+    """A pipeline parameter given on the command line is unknown or has a bad value."""
