@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import asyncio
 
 from stepflow.events import Event, SinkFailed
 from stepflow.interfaces.sink import EventSink
@@ -75,6 +77,8 @@ class Subscription:
         while not self._buf:
             if self._closed:
                 raise StopAsyncIteration
+            import asyncio  # deferred: keeps `import stepflow` light
+
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter

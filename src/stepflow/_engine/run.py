@@ -11,7 +11,6 @@ import anyio
 from stepflow._bus.bus import EventBus
 from stepflow._dsl.pipeline import Pipeline, PipelineDef
 from stepflow._engine.result import RunResult
-from stepflow._engine.scheduler import Runner
 from stepflow._operators.local import LocalStepOperator
 from stepflow.errors import PipelineDefinitionError, UnknownOperatorError
 from stepflow.interfaces.operator import StepOperator
@@ -106,6 +105,31 @@ def _pickling_problems(node: Any) -> list[str]:
     return out
 
 
+def prepare_runner(
+    pipeline: Pipeline | PipelineDef[Any],
+    *,
+    event_bus: EventBus | None = None,
+    operators: Mapping[str, StepOperator] | None = None,
+    run_id: str | None = None,
+    max_concurrency: int | None = None,
+    operator_concurrency: Mapping[str, int] | None = None,
+    fail_fast: bool = False,
+    max_threads: int = 128,
+    check_outputs: bool = True,
+) -> Any:
+    """Validate everything a run needs and return a ready, not yet started, runner."""
+    from stepflow._engine.scheduler import Runner  # deferred: asyncio is heavy to import
+
+    p = _as_pipeline(pipeline)
+    ops = resolve_operators(p, operators)
+    validate_for_operators(p, ops)
+    return Runner(
+        p, bus=event_bus or EventBus(), operators=ops, run_id=run_id,
+        max_concurrency=max_concurrency, operator_concurrency=operator_concurrency,
+        fail_fast=fail_fast, max_threads=max_threads, check_outputs=check_outputs,
+    )
+
+
 async def run(
     pipeline: Pipeline | PipelineDef[Any],
     *,
@@ -124,19 +148,17 @@ async def run(
     steps) and ``operator_concurrency`` (per operator name). A failed step's descendants are
     skipped while independent branches finish; ``fail_fast=True`` cancels the rest instead.
     Events go to ``event_bus``. ``operators`` adds step operators by name to the built-in
-    ``local`` one. Sync steps run in at most ``max_threads`` worker threads. If the caller
-    cancels, running steps are cancelled (remote jobs stopped), reported as cancelled, and the
-    cancellation propagates.
+    ``local`` one. Sync steps run in at most ``max_threads`` worker threads. Step outputs must
+    be picklable unless ``check_outputs=False``. If the caller cancels, running steps are
+    cancelled (remote jobs stopped), reported as cancelled, and the cancellation propagates.
     """
-    p = _as_pipeline(pipeline)
-    ops = resolve_operators(p, operators)
-    validate_for_operators(p, ops)
-    runner = Runner(
-        p, bus=event_bus or EventBus(), operators=ops, run_id=run_id,
+    runner = prepare_runner(
+        pipeline, event_bus=event_bus, operators=operators, run_id=run_id,
         max_concurrency=max_concurrency, operator_concurrency=operator_concurrency,
         fail_fast=fail_fast, max_threads=max_threads, check_outputs=check_outputs,
     )
-    return await runner.execute()
+    result: RunResult = await runner.execute()
+    return result
 
 
 def run_sync(pipeline: Pipeline | PipelineDef[Any], **options: Any) -> RunResult:

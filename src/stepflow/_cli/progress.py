@@ -1,0 +1,157 @@
+"""Live run display (rich) and the plain line printer used when output is not a terminal."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from stepflow._engine.result import RunResult
+from stepflow.events import (
+    Event,
+    JobStatusChanged,
+    LogLine,
+    RunStarted,
+    StepCancelled,
+    StepFailed,
+    StepQueued,
+    StepRetrying,
+    StepSkipped,
+    StepStarted,
+    StepSucceeded,
+)
+
+_STYLE = {
+    "succeeded": "green", "failed": "red", "skipped": "yellow", "cancelled": "magenta",
+    "running": "cyan", "queued": "blue",
+}
+
+
+class RunView:
+    """Folds events into counts and renders the live panel."""
+
+    def __init__(self, pipeline: str, run_id: str, total: int, stack: str | None = None) -> None:
+        self.pipeline = pipeline
+        self.run_id = run_id
+        self.total = total
+        self.stack = stack
+        self.started = time.monotonic()
+        self.running: dict[str, tuple[float, int, str]] = {}
+        self.queued = 0
+        self.done: dict[str, int] = {"succeeded": 0, "failed": 0, "skipped": 0, "cancelled": 0}
+        self.retries = 0
+        self.last_lines: list[str] = []
+
+    def handle(self, ev: Event) -> None:
+        if isinstance(ev, RunStarted):
+            self.total = ev.step_count
+        elif isinstance(ev, StepQueued):
+            self.queued += 1
+        elif isinstance(ev, StepStarted):
+            if ev.attempt == 1:
+                self.queued -= 1
+            self.running[ev.step] = (time.monotonic(), ev.attempt, ev.operator)
+        elif isinstance(ev, StepRetrying):
+            self.retries += 1
+        elif isinstance(ev, StepSucceeded):
+            self.running.pop(ev.step, None)
+            self.done["succeeded"] += 1
+        elif isinstance(ev, StepFailed):
+            self.running.pop(ev.step, None)
+            self.done["failed"] += 1
+        elif isinstance(ev, StepSkipped):
+            self.done["skipped"] += 1
+        elif isinstance(ev, StepCancelled):
+            if self.running.pop(ev.step, None) is None:
+                self.queued = max(0, self.queued - 1)
+            self.done["cancelled"] += 1
+        elif isinstance(ev, (LogLine, JobStatusChanged)):
+            text = (f"{ev.step}: {ev.line}" if isinstance(ev, LogLine)
+                    else f"{ev.step}: job {ev.job_id} {ev.status} {ev.detail}".rstrip())
+            self.last_lines = [*self.last_lines[-4:], text]
+
+    def render(self) -> Any:
+        elapsed = time.monotonic() - self.started
+        finished = sum(self.done.values())
+        head = Text.assemble(
+            ("stepflow ", "bold"), (self.pipeline, "bold cyan"), f"  run {self.run_id}",
+            f"  stack {self.stack}" if self.stack else "", f"  {elapsed:6.1f}s",
+        )
+        counts = Text.assemble(
+            (f"{finished}/{self.total} done", "bold"), "   ",
+            (f"{len(self.running)} running", "cyan"), "  ", (f"{self.queued} queued", "blue"), "  ",
+            (f"{self.done['succeeded']} ok", "green"), "  ", (f"{self.done['failed']} failed", "red"),
+            "  ", (f"{self.done['skipped']} skipped", "yellow"), "  ",
+            (f"{self.done['cancelled']} cancelled", "magenta"),
+            f"  {self.retries} retries" if self.retries else "",
+        )
+        bar = ProgressBar(total=max(self.total, 1), completed=finished, width=60)
+        parts: list[Any] = [head, bar, counts]
+        if self.running:
+            table = Table(box=None, show_header=False, padding=(0, 1), pad_edge=False)
+            now = time.monotonic()
+            items = sorted(self.running.items(), key=lambda kv: kv[1][0])
+            for name, (since, attempt, op) in items[:8]:
+                table.add_row(Text("  ▶ " + name, style="cyan"), op,
+                              f"attempt {attempt}" if attempt > 1 else "", f"{now - since:5.1f}s")
+            if len(items) > 8:
+                table.add_row(Text(f"  ... {len(items) - 8} more running", style="dim"), "", "", "")
+            parts.append(table)
+        for line in self.last_lines:
+            parts.append(Text("  " + line[:160], style="dim"))
+        return Group(*parts)
+
+
+class LinePrinter:
+    """Prints one line per step state change (non-interactive output, e.g. CI logs)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def handle(self, ev: Event) -> None:
+        c = self.console
+        if isinstance(ev, StepStarted):
+            extra = f" (attempt {ev.attempt})" if ev.attempt > 1 else ""
+            c.print(f"[cyan]▶[/] {ev.step} started on {ev.operator}{extra}", highlight=False)
+        elif isinstance(ev, StepSucceeded):
+            c.print(f"[green]✔[/] {ev.step} succeeded in {ev.duration:.2f}s", highlight=False)
+        elif isinstance(ev, StepRetrying):
+            c.print(f"[yellow]↻[/] {ev.step} attempt {ev.attempt} failed ({ev.error}); "
+                    f"retrying in {ev.delay:.1f}s", highlight=False)
+        elif isinstance(ev, StepFailed):
+            c.print(f"[red]✘[/] {ev.step} failed: {ev.error_type}: {ev.message}", highlight=False)
+        elif isinstance(ev, StepSkipped):
+            c.print(f"[yellow]-[/] {ev.step} skipped: {ev.reason}", highlight=False)
+        elif isinstance(ev, StepCancelled):
+            c.print(f"[magenta]■[/] {ev.step} cancelled: {ev.reason}", highlight=False)
+        elif isinstance(ev, LogLine):
+            c.print(f"  [dim]{ev.step} |[/] {ev.line}", highlight=False, markup=False)
+        elif isinstance(ev, JobStatusChanged):
+            c.print(f"  [dim]{ev.step}: job {ev.job_id} {ev.status} {ev.detail}[/]", highlight=False)
+
+
+def print_summary(console: Console, result: RunResult, max_rows: int = 40) -> None:
+    """Step table (or counts for big runs), failures with traceback tails, and the verdict."""
+    steps = list(result.steps.values())
+    if len(steps) <= max_rows:
+        table = Table(title=None, show_edge=False, header_style="bold")
+        for col in ("step", "status", "where", "attempts", "duration"):
+            table.add_column(col, justify="right" if col in ("attempts", "duration") else "left")
+        for s in steps:
+            dur = "" if s.duration is None else f"{s.duration:.2f}s"
+            table.add_row(s.name, Text(s.status, style=_STYLE.get(s.status, "")), s.operator,
+                          str(s.attempts or ""), dur)
+        console.print(table)
+    for s in result.failed_steps()[:5]:
+        console.print(f"\n[bold red]step {s.name} failed[/] after {s.attempts} attempt(s):")
+        if s.error is not None:
+            tail = s.error.traceback.rstrip().splitlines()[-15:]
+            console.print("\n".join(tail), markup=False, highlight=False)
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(result.counts().items()))
+    style = _STYLE.get(result.status, "")
+    console.print(f"\nrun [bold]{result.run_id}[/] [{style}]{result.status}[/] in "
+                  f"{result.duration:.2f}s ({counts})", highlight=False)
