@@ -3,7 +3,8 @@
 Run:  python benchmarks/overhead.py [--quick] [--json FILE]
 
 Workloads (each measured several times; min and median reported):
-  fanout-10k   one source step feeding 10,000 async no-op steps
+  fanout-10k   one source step feeding 10,000 async no-op steps (also with every event
+               delivered to a subscriber, and with the DAG built beforehand)
   chain-1k     1,000 async no-op steps, each consuming the previous output
   sleep-200    200 independent async steps each sleeping 0.5 s
   memory-100k  tracemalloc peak per step while building, validating and running 100,000 steps
@@ -71,6 +72,15 @@ def sleepers(n: int, seconds: float) -> None:
 
 async def sf_run(make: Callable[[], stepflow.Pipeline]) -> None:
     result = await stepflow.run(make())
+    assert result.status == "succeeded", result.status
+
+
+async def sf_run_subscribed(make: Callable[[], stepflow.Pipeline]) -> None:
+    """Same, with a subscriber attached so every event is built and delivered."""
+    bus = stepflow.EventBus()
+    async with bus.subscribe(buffer=100_000) as events:
+        result = await stepflow.run(make(), event_bus=bus)
+        assert len(events.pending()) == 3 * len(result.steps) + 2
     assert result.status == "succeeded", result.status
 
 
@@ -187,6 +197,9 @@ def main() -> int:
         })
 
     compare("fanout-10k (build+run)", lambda: asyncio.run(sf_run(lambda: fanout(10_000))),
+            lambda: asyncio.run(floor_fanout(10_000)), 3.0)
+    compare("fanout-10k (build+run, events)",
+            lambda: asyncio.run(sf_run_subscribed(lambda: fanout(10_000))),
             lambda: asyncio.run(floor_fanout(10_000)), 3.0)
     built = fanout(10_000)
     compare("fanout-10k (run only)", lambda: asyncio.run(sf_run(lambda: built)),

@@ -46,6 +46,7 @@ __all__ = [
     "StepResult",
     "StepTimeoutError",
     "StepflowError",
+    "Subscription",
     "UnknownOperatorError",
     "__version__",
     "current_step",

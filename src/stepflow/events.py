@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import attrs
 
 __all__ = [
+    "EVENT_TYPES",
     "ArtifactStored",
     "Event",
     "ImageBuildFinished",
@@ -33,7 +34,6 @@ __all__ = [
     "StepSucceeded",
     "event_from_dict",
     "event_to_dict",
-    "EVENT_TYPES",
 ]
 
 EVENT_TYPES: dict[str, type[Event]] = {}

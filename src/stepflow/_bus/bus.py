@@ -148,7 +148,7 @@ class EventBus:
 
     def open_subscription(
         self,
-        filter: EventFilter = None,  # noqa: A002 - mirrors subscribe()
+        filter: EventFilter = None,
         *,
         run_id: str | None = None,
         buffer: int = 10_000,
@@ -170,7 +170,7 @@ class EventBus:
     @asynccontextmanager
     async def subscribe(
         self,
-        filter: EventFilter = None,  # noqa: A002 - the natural name for users
+        filter: EventFilter = None,
         *,
         run_id: str | None = None,
         buffer: int = 10_000,
@@ -201,11 +201,11 @@ class EventBus:
                 sub._offer(event)
             except Exception as exc:
                 failed_subs = [*(failed_subs or ()), (sub, exc)]
-        for sub, exc in failed_subs or ():
-            log.warning("detaching subscriber whose filter raised: %r", exc)
+        for sub, error in failed_subs or ():
+            log.warning("detaching subscriber whose filter raised: %r", error)
             self.close_subscription(sub)
-        for sink, exc in failed_sinks or ():
-            self._sink_failed(sink, exc, event)
+        for sink, error in failed_sinks or ():
+            self._sink_failed(sink, error, event)
 
     def _sink_failed(self, sink: EventSink, exc: BaseException, event: Event) -> None:
         name = sink.name or type(sink).__name__

@@ -29,8 +29,9 @@ def _json_default(value: Any) -> Any:
 class JsonlSink(EventSink):
     """Appends every event as one JSON object per line to ``path``.
 
-    Lines are buffered and written when 256 events are pending, when 0.5 s passed since the
-    last write, and on every ``flush`` (end of run), so a crash loses at most that window.
+    Lines are buffered and written when 256 events are pending, at most 0.5 s after an event
+    arrives, and on every ``flush`` (end of run): a crash loses at most that window, and a
+    reader tailing the file sees events within half a second.
     """
 
     name = "jsonl"
@@ -43,11 +44,27 @@ class JsonlSink(EventSink):
         self._last_write = time.monotonic()
         self._max_pending = max_pending
         self._max_delay = max_delay
+        self._timer: Any = None
 
     def emit(self, event: Event) -> None:
         self._pending.append(json.dumps(event_to_dict(event), default=_json_default))
         if (len(self._pending) >= self._max_pending
                 or time.monotonic() - self._last_write >= self._max_delay):
+            self._write()
+        elif self._timer is None:
+            # A quiet period must not strand buffered events: write them after max_delay.
+            try:
+                import asyncio
+
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._write()
+            else:
+                self._timer = loop.call_later(self._max_delay, self._timed_write)
+
+    def _timed_write(self) -> None:
+        self._timer = None
+        if self._pending:
             self._write()
 
     def _write(self) -> None:
@@ -66,6 +83,9 @@ class JsonlSink(EventSink):
 
     async def aclose(self) -> None:
         await self.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._file is not None:
             self._file.close()
             self._file = None

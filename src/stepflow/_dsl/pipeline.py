@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, overload
 
-from stepflow._dsl.step import Step, StepOutput
+from stepflow._dsl.step import _RECORDER, Step, StepOutput
 from stepflow.errors import PipelineDefinitionError
 
 P = ParamSpec("P")
 
-_RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar(
-    "stepflow_recorder", default=None
-)
 _SCALARS = frozenset({int, float, str, bool, type(None), bytes, complex})
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
 def current_recorder() -> _Recorder | None:
     """The pipeline being recorded in this context, if any."""
-    return _RECORDER.get()
+    recorder: _Recorder | None = _RECORDER.get()
+    return recorder
 
 
 class StepNode:
@@ -89,6 +86,24 @@ class _Recorder:
         self.explicit: set[str] = set()
         self.problems: list[str] = []
 
+    def _after(self, after: Any, deps: list[int], where: str) -> tuple[str, ...]:
+        names: list[str] = []
+        for item in _as_list(after):
+            if isinstance(item, StepOutput):
+                if item._recorder is not self:
+                    self.problems.append(f"{where}: after= names a step of another pipeline")
+                else:
+                    deps.append(item._node)
+            elif isinstance(item, Step):
+                names.append(item.name)
+            elif isinstance(item, str):
+                names.append(item)
+            else:
+                self.problems.append(
+                    f"{where}: after= takes step outputs or step names, got {type(item).__name__}"
+                )
+        return tuple(names)
+
     def _name_for(self, step: Step[Any, Any]) -> str:
         base = step.name
         if step.explicit_name:
@@ -109,36 +124,30 @@ class _Recorder:
 
     def record(self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                after: Any) -> StepOutput:
+        # Hot path when building big DAGs: keep the common case (scalars and plain handles,
+        # no after=) free of extra calls and allocations.
         index = len(self.nodes)
         name = self._name_for(step)
-        where = f"step '{name}'"
         problem = step.check_call(args, kwargs)
         if problem is not None:
-            self.problems.append(f"{where}: {problem}")
+            self.problems.append(f"step '{name}': {problem}")
         deps: list[int] = []
         resolve = False
-        for a in args:
-            resolve = _scan(a, self, deps, self.problems, where) or resolve
-        for v in kwargs.values():
-            resolve = _scan(v, self, deps, self.problems, where) or resolve
-        after_names: list[str] = []
-        for item in _as_list(after):
-            if isinstance(item, StepOutput):
-                if item._recorder is not self:
-                    self.problems.append(f"{where}: after= names a step of another pipeline")
-                else:
-                    deps.append(item._node)
-            elif isinstance(item, Step):
-                after_names.append(item.name)
-            elif isinstance(item, str):
-                after_names.append(item)
-            else:
-                self.problems.append(
-                    f"{where}: after= takes step outputs or step names, got {type(item).__name__}"
-                )
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            cls = type(a)
+            if cls in _SCALARS:
+                continue
+            if cls is StepOutput and a._recorder is self:
+                deps.append(a._node)
+                resolve = True
+            elif _scan(a, self, deps, self.problems, f"step '{name}'"):
+                resolve = True
+        after_names: tuple[str, ...] = ()
+        if after is not None:
+            after_names = self._after(after, deps, f"step '{name}'")
         node = StepNode(index, name, step, args, kwargs or None,
                         tuple(sorted(set(deps))) if len(deps) > 1 else tuple(deps),
-                        resolve, tuple(after_names))
+                        resolve, after_names)
         self.nodes.append(node)
         self.names.setdefault(name, index)
         return StepOutput(self, index)
@@ -155,7 +164,7 @@ def _as_list(after: Any) -> Iterable[Any]:
 class Pipeline:
     """A recorded, validated, immutable DAG of steps, ready to be run."""
 
-    __slots__ = ("children", "name", "nodes", "output", "params", "_recorder", "by_name")
+    __slots__ = ("_recorder", "by_name", "children", "name", "nodes", "output", "params")
 
     def __init__(self, name: str, params: dict[str, Any], recorder: _Recorder, output: Any) -> None:
         self.name = name
@@ -287,7 +296,9 @@ def build_pipeline(name: str, params: dict[str, Any], recorder: _Recorder, outpu
             "function (is a helper missing @step, or does the function return early?)"
         )
     _resolve_after(recorder)
-    if recorder.nodes and not recorder.problems:
+    # Data dependencies always point to earlier steps, so only after= names can close a cycle.
+    forward = any(d > node.index for node in recorder.nodes if node.after for d in node.deps)
+    if forward and not recorder.problems:
         cycle = find_cycle(recorder.nodes)
         if cycle:
             recorder.problems.append("dependency cycle: " + " -> ".join(cycle))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import typing
@@ -13,7 +14,8 @@ from stepflow.errors import StepOutputUsageError
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_UNSET: Any = object()
+#: The pipeline recorder active in this context (set by ``PipelineDef.__call__``).
+_RECORDER: contextvars.ContextVar[Any] = contextvars.ContextVar("stepflow_recorder", default=None)
 
 
 class StepOutput:
@@ -147,6 +149,8 @@ class Step(Generic[P, R]):
         "_max_positional",
         "_param_names",
         "_required",
+        "_required_kwonly",
+        "_required_positional",
         "_signature",
         "_varargs",
         "_varkw",
@@ -188,7 +192,7 @@ class Step(Generic[P, R]):
         _check_options(fn, retries, retry_delay, retry_backoff, retry_jitter, timeout, settings)
         self.fn = fn
         self.explicit_name = name is not None
-        self.name = name or getattr(fn, "__name__", "step")
+        self.name: str = name or str(getattr(fn, "__name__", "step"))
         self.step_operator = step_operator
         self.retries = retries
         self.retry_delay = retry_delay
@@ -219,25 +223,27 @@ class Step(Generic[P, R]):
             if p.default is p.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
         )
         self._accepts_after = "after" in sig.parameters
+        # Required positional parameters always come first, so "enough positional arguments"
+        # is one comparison; keyword-only required parameters force the slower check.
+        self._required_positional = sum(1 for pos, _ in self._required if pos >= 0)
+        self._required_kwonly = any(pos < 0 for pos, _ in self._required)
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"<step {self.name}>"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        from stepflow._dsl.pipeline import current_recorder
-
-        recorder = current_recorder()
+        recorder = _RECORDER.get()
         if recorder is None:
             return self.fn(*args, **kwargs)
         after: Any = None
         if not self._accepts_after and "after" in kwargs:
             after = kwargs.pop("after")
-        return recorder.record(self, args, kwargs, after)  # type: ignore[no-any-return]
+        return recorder.record(self, args, kwargs, after)  # type: ignore[return-value]
 
     def with_options(self, **changes: Any) -> Step[P, R]:
         """Return a copy of this step with some options changed (same keywords as ``@step``)."""
-        opts = {
+        opts: dict[str, Any] = {
             "name": self.name if self.explicit_name else None,
             "step_operator": self.step_operator,
             "retries": self.retries,
@@ -262,15 +268,22 @@ class Step(Generic[P, R]):
 
     def check_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
         """Return why ``args``/``kwargs`` do not fit the signature, or None when they do."""
-        ok = self._varargs or len(args) <= self._max_positional
-        if ok and not self._varkw:
-            ok = all(k in self._param_names for k in kwargs)
-        if ok:
-            n = len(args)
-            for pos, pname in self._required:
-                if not (0 <= pos < n) and pname not in kwargs:
-                    ok = False
-                    break
+        n = len(args)
+        ok = self._varargs or n <= self._max_positional
+        if ok and kwargs:
+            if not self._varkw:
+                names = self._param_names
+                for k in kwargs:
+                    if k not in names:
+                        ok = False
+                        break
+            if ok:
+                for pos, pname in self._required:
+                    if not (0 <= pos < n) and pname not in kwargs:
+                        ok = False
+                        break
+        elif ok:
+            ok = n >= self._required_positional and not self._required_kwonly
         if ok:
             return None
         try:

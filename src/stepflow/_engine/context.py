@@ -6,7 +6,8 @@ import contextvars
 
 import attrs
 
-_CTX: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar(
+# Holds a plain tuple: building the attrs object only when asked keeps the per-attempt cost low.
+_CTX: contextvars.ContextVar[tuple[str, str, int, str] | None] = contextvars.ContextVar(
     "stepflow_step_context", default=None
 )
 
@@ -23,12 +24,5 @@ class StepContext:
 
 def current_step() -> StepContext | None:
     """The step attempt running in this context (also in a sync step's thread), else None."""
-    return _CTX.get()
-
-
-def _set_context(ctx: StepContext | None, token: contextvars.Token[StepContext | None] | None = None
-                 ) -> contextvars.Token[StepContext | None] | None:
-    if token is not None:
-        _CTX.reset(token)
-        return None
-    return _CTX.set(ctx)
+    raw = _CTX.get()
+    return None if raw is None else StepContext(*raw)

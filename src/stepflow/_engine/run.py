@@ -27,7 +27,9 @@ def _as_pipeline(target: Pipeline | PipelineDef[Any]) -> Pipeline:
     )
 
 
-def resolve_operators(pipeline: Pipeline, given: Mapping[str, StepOperator] | None) -> dict[str, StepOperator]:
+def resolve_operators(
+    pipeline: Pipeline, given: Mapping[str, StepOperator] | None
+) -> dict[str, StepOperator]:
     """Return the operators the pipeline needs, raising one error for every unknown name."""
     available: dict[str, StepOperator] = {"local": LocalStepOperator()}
     available.update(given or {})
@@ -49,9 +51,9 @@ def resolve_operators(pipeline: Pipeline, given: Mapping[str, StepOperator] | No
             "or pass operators={...} to run()."
         )
     needed = pipeline.operators()
-    for name, op in available.items():
-        if not op.name:
-            op.name = name
+    for name, operator in available.items():
+        if not operator.name:
+            operator.name = name
     return {name: op for name, op in available.items() if name in needed}
 
 

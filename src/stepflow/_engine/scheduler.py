@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import pickle
 import random
@@ -27,9 +28,10 @@ from typing import Any
 
 import anyio
 
+from stepflow._bus.bus import EventBus
 from stepflow._dsl.pipeline import Pipeline, StepNode
 from stepflow._dsl.step import StepOutput
-from stepflow._engine.context import StepContext, _set_context
+from stepflow._engine.context import _CTX
 from stepflow._engine.result import RunResult, StepError, StepResult
 from stepflow.errors import NonRetryableError, OutputNotPicklableError, StepTimeoutError
 from stepflow.events import (
@@ -44,9 +46,9 @@ from stepflow.events import (
     StepSucceeded,
 )
 from stepflow.interfaces.operator import Invocation, StepOperator
-from stepflow._bus.bus import EventBus
 
 _MISSING: Any = object()
+_now = time.time
 _PLAIN = frozenset({int, float, str, bool, type(None), bytes})
 IN_PROCESS = "in-process"
 
@@ -112,9 +114,9 @@ class Runner:
     # -- events --------------------------------------------------------------------------
     def _emit(self, cls: Any, *args: Any) -> None:
         bus = self.bus
-        if bus.active:
+        if bus._active:
             self._seq += 1
-            bus.publish(cls(self.run_id, self._seq, time.time(), *args))
+            bus.publish(cls(self.run_id, self._seq, _now(), *args))
 
     def emit_for(self, step: str) -> Any:
         """An ``emit(EventClass, **fields)`` callable bound to ``step``, for operators."""
@@ -161,10 +163,8 @@ class Runner:
             self._emit(RunFinished, result.status, result.duration, result.counts())
             await self.bus.flush()
             for op in self.operators.values():
-                try:
+                with contextlib.suppress(Exception):  # closing must not hide the run's outcome
                     await op.aclose()
-                except Exception:  # closing must not hide the run's outcome
-                    pass
         if cancelled_from_outside:
             raise asyncio.CancelledError
         return result
@@ -286,6 +286,7 @@ class Runner:
             self._unfinished -= 1
             self._emit(StepCancelled, node.name, res.reason)
             self._release(op)
+            self._check_done()
             return
         except BaseException as exc:
             res.finished_at = time.time()
@@ -324,10 +325,13 @@ class Runner:
             attempt += 1
             res.attempts = attempt
             self._emit(StepStarted, node.name, attempt, op or IN_PROCESS)
-            token = _set_context(StepContext(self.run_id, node.name, attempt, self.pipeline.name))
+            token = _CTX.set((self.run_id, node.name, attempt, self.pipeline.name))
             try:
                 if step.timeout is None:
-                    value = await self._call(node, args, kwargs, attempt, op)
+                    if op is None and step.is_async:  # the hot path, without an extra frame
+                        value = await (step.fn(*args, **kwargs) if kwargs else step.fn(*args))
+                    else:
+                        value = await self._call(node, args, kwargs, attempt, op)
                 else:
                     try:
                         async with asyncio.timeout(step.timeout):
@@ -352,7 +356,7 @@ class Runner:
                 self._emit(StepRetrying, node.name, attempt, delay, f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(delay)
             finally:
-                _set_context(None, token)
+                _CTX.reset(token)
 
     async def _call(self, node: StepNode, args: Any, kwargs: Any, attempt: int,
                     op: str | None) -> Any:

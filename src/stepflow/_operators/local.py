@@ -11,8 +11,11 @@ from stepflow.interfaces.operator import Invocation, StepOperator
 
 
 class LocalStepOperator(StepOperator):
-    """Runs steps in the runner's own process: async steps on the event loop, sync steps in
-    worker threads (at most ``max_threads`` at once)."""
+    """Runs steps in the runner's own process.
+
+    Async steps run on the event loop, sync steps in worker threads (at most ``max_threads``
+    at once).
+    """
 
     flavor: ClassVar[str] = "local"
 

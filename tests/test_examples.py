@@ -1,0 +1,36 @@
+"""The README's demo and import hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_quickstart_runs_on_the_defaults(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "stepflow", "run", "examples.quickstart.pipeline:training"],
+                         cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "best learning rate" in out.stdout
+    assert "succeeded in" in out.stdout.splitlines()[-1]
+
+
+def test_quickstart_programmatically() -> None:
+    from examples.quickstart.pipeline import training
+    from stepflow import run_sync
+
+    result = run_sync(training(epochs=50, learning_rates=[0.01, 0.1]))
+    assert result.succeeded
+    assert result.output["lr"] == 0.1 and result.output["mse"] < 1.0
+    assert sorted(result.steps) == sorted(
+        ["load_data", "split", "train", "train_2", "evaluate", "evaluate_2", "pick_best"])
+
+
+def test_import_is_light_and_imports_no_cloud_sdk() -> None:
+    code = ("import sys, stepflow; heavy = [m for m in sys.modules if m.split('.')[0] in "
+            "('boto3','botocore','aiobotocore','google','azure','aiodocker','docker','rich','click',"
+            "'structlog','cloudpickle')]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
