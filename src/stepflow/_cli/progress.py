@@ -82,14 +82,15 @@ class RunView:
             f"  stack {self.stack}" if self.stack else "", f"  {elapsed:6.1f}s",
         )
         counts = Text.assemble(
-            (f"{finished}/{self.total} done", "bold"), "   ",
             (f"{len(self.running)} running", "cyan"), "  ", (f"{self.queued} queued", "blue"), "  ",
             (f"{self.done['succeeded']} ok", "green"), "  ", (f"{self.done['failed']} failed", "red"),
             "  ", (f"{self.done['skipped']} skipped", "yellow"), "  ",
             (f"{self.done['cancelled']} cancelled", "magenta"),
             f"  {self.retries} retries" if self.retries else "",
         )
-        bar = ProgressBar(total=max(self.total, 1), completed=finished, width=60)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(ProgressBar(total=max(self.total, 1), completed=finished, width=50),
+                    Text(f"{finished}/{self.total} done", style="bold"))
         parts: list[Any] = [head, bar, counts]
         if self.running:
             table = Table(box=None, show_header=False, padding=(0, 1), pad_edge=False)
@@ -151,6 +152,10 @@ def print_summary(console: Console, result: RunResult, max_rows: int = 40) -> No
         if s.error is not None:
             tail = s.error.traceback.rstrip().splitlines()[-15:]
             console.print("\n".join(tail), markup=False, highlight=False)
+    if result.output is not None:
+        text = repr(result.output)
+        console.print(f"\noutput: {text[:300]}{' ...' if len(text) > 300 else ''}",
+                      markup=False, highlight=False)
     counts = ", ".join(f"{n} {k}" for k, n in sorted(result.counts().items()))
     style = _STYLE.get(result.status, "")
     console.print(f"\nrun [bold]{result.run_id}[/] [{style}]{result.status}[/] in "
