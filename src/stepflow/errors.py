@@ -54,3 +54,22 @@ class PipelineLoadError(StepflowError):
 
 class ParameterError(StepflowError):
     """A pipeline parameter given on the command line is unknown or has a bad value."""
+
+
+class ConfigError(StepflowError):
+    """Options given to a component, stack or step settings are unknown, missing or invalid."""
+
+
+class StoreError(StepflowError):
+    """The stepflow store is missing, corrupt, locked or refused an operation."""
+
+
+class NotFoundError(StoreError, KeyError):
+    """A named component, stack or run does not exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class PluginError(StepflowError):
+    """A plugin (flavor) failed to import, is malformed, or raised while being created."""

@@ -44,13 +44,15 @@ def cli() -> None:
               help="On the first failed step, cancel running steps and skip the rest "
                    "(default: skip only its descendants and let other branches finish).")
 @click.option("--run-id", default=None, help="Use this run id instead of a generated one.")
+@click.option("--stack", "stack", default=None, metavar="NAME",
+              help="Run on this stack instead of the active one (see `stepflow stack list`).")
 @click.option("--progress/--no-progress", default=None,
               help="Live progress display (default: on when the output is a terminal; "
                    "otherwise one line per step event).")
 @click.option("--log-format", type=click.Choice(["lines", "structlog"]), default="lines",
               show_default=True, help="Format of the non-interactive output.")
 def run_cmd(target: str, params: tuple[str, ...], events_file: str | None,
-            max_concurrency: int | None, fail_fast: bool, run_id: str | None,
+            max_concurrency: int | None, fail_fast: bool, run_id: str | None, stack: str | None,
             progress: bool | None, log_format: str) -> None:
     """Run the pipeline MODULE:PIPELINE, e.g. `stepflow run examples.quickstart.pipeline:training`.
 
@@ -73,13 +75,13 @@ def run_cmd(target: str, params: tuple[str, ...], events_file: str | None,
     except StepflowError as exc:
         fail(str(exc))
     code = anyio.run(_run_pipeline, pipeline, events_file, max_concurrency, fail_fast, run_id,
-                     progress, log_format)
+                     stack, progress, log_format)
     sys.exit(code)
 
 
 async def _run_pipeline(pipeline: Any, events_file: str | None, max_concurrency: int | None,
-                        fail_fast: bool, run_id: str | None, progress: bool | None,
-                        log_format: str) -> int:
+                        fail_fast: bool, run_id: str | None, stack: str | None,
+                        progress: bool | None, log_format: str) -> int:
     from rich.console import Console
     from rich.live import Live
 
@@ -96,13 +98,13 @@ async def _run_pipeline(pipeline: Any, events_file: str | None, max_concurrency:
     if not interactive and log_format == "structlog":
         bus.add_sink(ConsoleSink())
     try:
-        runner = prepare_runner(pipeline, event_bus=bus, run_id=run_id,
+        runner = prepare_runner(pipeline, event_bus=bus, run_id=run_id, stack=stack,
                                 max_concurrency=max_concurrency, fail_fast=fail_fast)
     except StepflowError as exc:
         fail(str(exc))
     console.print(f"running [bold]{pipeline.name}[/] ({len(pipeline.nodes)} steps) as run "
-                  f"[bold]{runner.run_id}[/] on stack [bold]default[/]")
-    view = RunView(pipeline.name, runner.run_id, len(pipeline.nodes))
+                  f"[bold]{runner.run_id}[/] on stack [bold]{runner.stack}[/]")
+    view = RunView(pipeline.name, runner.run_id, len(pipeline.nodes), runner.stack)
     printer = LinePrinter(console) if not interactive and log_format == "lines" else None
     interrupted = 0
 

@@ -28,33 +28,54 @@ def _as_pipeline(target: Pipeline | PipelineDef[Any]) -> Pipeline:
 
 
 def resolve_operators(
-    pipeline: Pipeline, given: Mapping[str, StepOperator] | None
+    pipeline: Pipeline, given: Mapping[str, StepOperator] | None, stack: Any = None,
+    client: Any = None,
 ) -> dict[str, StepOperator]:
-    """Return the operators the pipeline needs, raising one error for every unknown name."""
-    available: dict[str, StepOperator] = {"local": LocalStepOperator()}
-    available.update(given or {})
+    """Return the operators the pipeline needs, raising one error for every unknown name.
+
+    Names come from ``given`` first, then from ``stack`` (a StackModel, its step operators
+    instantiated through their flavors via ``client``), then the built-in ``local``.
+    """
+    given = dict(given or {})
+    needed = pipeline.operators()
+    resolved: dict[str, StepOperator] = {}
     missing: dict[str, list[str]] = {}
+    stack_ops = set(stack.step_operators) if stack is not None else set()
     for node in pipeline.nodes:
         op = node.step.step_operator
-        if op is not None and op not in available:
-            missing.setdefault(op, []).append(node.name)
+        if op is None or op in resolved or op in missing:
+            if op in missing:
+                missing[op].append(node.name)
+            continue
+        if op in given:
+            resolved[op] = given[op]
+        elif op in stack_ops:
+            resolved[op] = client.instantiate("step_operator", op)
+        elif op == "local":
+            resolved[op] = LocalStepOperator()
+        else:
+            missing[op] = [node.name]
     if missing:
+        known = sorted({*given, *stack_ops, "local"})
+        where = f" in stack '{stack.name}'" if stack is not None else ""
         lines = [
             f"step{'s' if len(steps) > 1 else ''} {', '.join(repr(s) for s in steps[:5])}"
-            f"{' ...' if len(steps) > 5 else ''} use step_operator '{op}', which is not available"
+            f"{' ...' if len(steps) > 5 else ''} use step_operator '{op}', which is not available{where}"
             for op, steps in missing.items()
         ]
-        raise UnknownOperatorError(
-            "\n".join(lines)
-            + f"\nknown step operators: {', '.join(sorted(available))}. Register one with "
-            "`stepflow step-operator register NAME --type=FLAVOR` and add it to the active stack, "
-            "or pass operators={...} to run()."
+        hint = (
+            f"add it with `stepflow stack update {stack.name} -s {' -s '.join([*stack.step_operators, *missing])}`"
+            if stack is not None else "pass operators={...} to run()"
         )
-    needed = pipeline.operators()
-    for name, operator in available.items():
+        raise UnknownOperatorError(
+            "\n".join(lines) + f"\nknown step operators: {', '.join(known)}. Register one with "
+            f"`stepflow step-operator register NAME --type=FLAVOR`, then {hint}."
+        )
+    for name, operator in resolved.items():
         if not operator.name:
             operator.name = name
-    return {name: op for name, op in available.items() if name in needed}
+    assert set(resolved) == needed
+    return resolved
 
 
 def validate_for_operators(pipeline: Pipeline, operators: Mapping[str, StepOperator]) -> None:
@@ -67,6 +88,15 @@ def validate_for_operators(pipeline: Pipeline, operators: Mapping[str, StepOpera
         op = operators[name]
         settings = node.step.settings
         merged = {**settings.get(op.flavor, {}), **settings.get(name, {})}
+        settings_class = getattr(op, "settings_class", None)
+        if settings_class is not None and merged:
+            from stepflow._config import options
+            from stepflow.errors import ConfigError
+
+            try:
+                options.build(settings_class, merged, what="")
+            except ConfigError as exc:
+                problems.append(f"step '{node.name}': settings for '{name}'{exc}")
         for problem in op.validate_settings(merged):
             problems.append(f"step '{node.name}': settings for '{name}': {problem}")
         if op.requires_pickling:
@@ -118,17 +148,23 @@ def prepare_runner(
     fail_fast: bool = False,
     max_threads: int = 128,
     check_outputs: bool = True,
+    stack: str | None = None,
 ) -> Any:
     """Validate everything a run needs and return a ready, not yet started, runner."""
     from stepflow._engine.scheduler import Runner  # deferred: asyncio is heavy to import
+    from stepflow._stack.client import Client
 
     p = _as_pipeline(pipeline)
-    ops = resolve_operators(p, operators)
+    client = Client()
+    model = client.get_stack(stack or client.active_stack_name())
+    ops = resolve_operators(p, operators, model, client)
     validate_for_operators(p, ops)
+    sinks = [client.instantiate("event_sink", name) for name in model.event_sinks]
     return Runner(
         p, bus=event_bus or EventBus(), operators=ops, run_id=run_id,
         max_concurrency=max_concurrency, operator_concurrency=operator_concurrency,
         fail_fast=fail_fast, max_threads=max_threads, check_outputs=check_outputs,
+        stack=model.name, sinks=sinks,
     )
 
 
@@ -143,21 +179,23 @@ async def run(
     fail_fast: bool = False,
     max_threads: int = 128,
     check_outputs: bool = True,
+    stack: str | None = None,
 ) -> RunResult:
     """Run a pipeline and return its :class:`RunResult`.
 
     Every step whose inputs are ready starts at once, bounded by ``max_concurrency`` (all
     steps) and ``operator_concurrency`` (per operator name). A failed step's descendants are
     skipped while independent branches finish; ``fail_fast=True`` cancels the rest instead.
-    Events go to ``event_bus``. ``operators`` adds step operators by name to the built-in
-    ``local`` one. Sync steps run in at most ``max_threads`` worker threads. Step outputs must
+    Events go to ``event_bus`` and to the stack's event sinks. Step operator names resolve
+    against ``operators`` (live objects by name), then the step operators of ``stack`` (default:
+    the active stack), then the built-in ``local``. Sync steps run in at most ``max_threads`` worker threads. Step outputs must
     be picklable unless ``check_outputs=False``. If the caller cancels, running steps are
     cancelled (remote jobs stopped), reported as cancelled, and the cancellation propagates.
     """
     runner = prepare_runner(
         pipeline, event_bus=event_bus, operators=operators, run_id=run_id,
         max_concurrency=max_concurrency, operator_concurrency=operator_concurrency,
-        fail_fast=fail_fast, max_threads=max_threads, check_outputs=check_outputs,
+        fail_fast=fail_fast, max_threads=max_threads, check_outputs=check_outputs, stack=stack,
     )
     result: RunResult = await runner.execute()
     return result

@@ -23,7 +23,7 @@ import random
 import time
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -46,6 +46,7 @@ from stepflow.events import (
     StepSucceeded,
 )
 from stepflow.interfaces.operator import Invocation, StepOperator
+from stepflow.interfaces.sink import EventSink
 
 _MISSING: Any = object()
 _now = time.time
@@ -74,6 +75,7 @@ class Runner:
         max_threads: int = 128,
         check_outputs: bool = True,
         stack: str | None = None,
+        sinks: Sequence[EventSink] = (),
     ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -84,6 +86,7 @@ class Runner:
         self.fail_fast = fail_fast
         self.check_outputs = check_outputs
         self.stack = stack
+        self._sinks = list(sinks)
         self._max = max_concurrency or 0
         limits: dict[str, int] = {}
         for name, op in operators.items():
@@ -136,6 +139,8 @@ class Runner:
         self._loop = loop
         self._done = asyncio.Event()
         self._limiter = anyio.CapacityLimiter(self._max_threads)
+        for sink in self._sinks:  # the stack's sinks see this run only
+            self.bus.add_sink(sink)
         started = time.time()
         self._emit(RunStarted, self.pipeline.name, len(self.pipeline.nodes),
                    _printable(self.pipeline.params), self.stack)
@@ -165,6 +170,11 @@ class Runner:
             for op in self.operators.values():
                 with contextlib.suppress(Exception):  # closing must not hide the run's outcome
                     await op.aclose()
+            for sink in self._sinks:
+                if sink in self.bus.sinks:
+                    self.bus.remove_sink(sink)
+                with contextlib.suppress(Exception):
+                    await sink.aclose()
         if cancelled_from_outside:
             raise asyncio.CancelledError
         return result

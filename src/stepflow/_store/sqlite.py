@@ -1,0 +1,158 @@
+"""The embedded store: one SQLite file under ``$STEPFLOW_HOME`` (default ``~/.stepflow``).
+
+WAL mode plus ``BEGIN IMMEDIATE`` for writes and a busy timeout make concurrent CLI calls
+safe: writers queue instead of failing. Schema changes are numbered migrations recorded in
+``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from stepflow.errors import StoreError
+
+BUSY_TIMEOUT_S = 15.0
+
+MIGRATIONS: list[str] = [
+    # 1: stack components and stacks
+    """
+    CREATE TABLE components (
+        kind TEXT NOT NULL, name TEXT NOT NULL, flavor TEXT NOT NULL, config TEXT NOT NULL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (kind, name));
+    CREATE TABLE stacks (name TEXT PRIMARY KEY, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE stack_members (
+        stack TEXT NOT NULL REFERENCES stacks(name) ON DELETE CASCADE, kind TEXT NOT NULL,
+        component TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (stack, kind, component));
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+
+def stepflow_home() -> Path:
+    """``$STEPFLOW_HOME`` or ``~/.stepflow``."""
+    return Path(os.environ.get("STEPFLOW_HOME") or Path.home() / ".stepflow").expanduser()
+
+
+class Store:
+    """Thin, synchronous access to the SQLite file; every public method is one transaction."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self.home = Path(home).expanduser() if home is not None else stepflow_home()
+        self.path = self.home / "stepflow.db"
+        self._conn: sqlite3.Connection | None = None
+
+    # -- connection --------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the stepflow home {self.home}: {exc}. Set "
+                             "STEPFLOW_HOME to a writable directory.") from None
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn = conn
+            self._migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            self._conn = None
+            raise self._explain(exc) from None
+        return conn
+
+    def _explain(self, exc: sqlite3.Error) -> StoreError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return StoreError(
+                f"the stepflow store {self.path} stayed locked by another process for more than "
+                f"{BUSY_TIMEOUT_S:g} s ({text}); retry, or find the process holding it "
+                f"(e.g. `fuser {self.path}`)"
+            )
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return StoreError(
+                f"the stepflow store {self.path} is corrupt or not a stepflow database ({text}). "
+                f"Move it aside to start afresh (mv {self.path} {self.path}.bak) or point "
+                "STEPFLOW_HOME elsewhere."
+            )
+        return StoreError(f"stepflow store {self.path}: {text}")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(f"the stepflow store {self.path} was written by a newer stepflow "
+                             f"(schema {version} > {len(MIGRATIONS)}); upgrade stepflow")
+        if version == len(MIGRATIONS):
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # re-read under the lock
+            for number in range(version, len(MIGRATIONS)):
+                # Statement by statement: executescript() would commit the open transaction.
+                for statement in filter(None, (s.strip() for s in MIGRATIONS[number].split(";"))):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close the connection (reopened on next use)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``: concurrent writers wait their turn)."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                raise self._explain(exc) from None
+
+    def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Run one query and return every row."""
+        conn = self._connect()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+
+    # -- meta --------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self.read("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    @staticmethod
+    def dumps(value: Any) -> str:
+        return json.dumps(value, sort_keys=True)
+
+    @staticmethod
+    def loads(text: str) -> Any:
+        return json.loads(text)
