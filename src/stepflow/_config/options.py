@@ -59,7 +59,8 @@ def specs(cls: type) -> list[OptionSpec]:
         required = f.default is attrs.NOTHING
         default: Any = None
         if not required:
-            default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[misc]
+            factory = getattr(f.default, "factory", None)
+            default = factory() if factory is not None else f.default
         tp = hints.get(f.name, Any)
         out.append(OptionSpec(f.name, tp, _type_name(tp), required, default,
                               f.metadata.get("doc", ""), bool(f.metadata.get("secret")),
@@ -74,10 +75,9 @@ def convert(value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")
-                             and type(None) in options):
-            if type(None) in options:
-                return None
+        nullable = type(None) in options
+        if nullable and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
         errors = []
         for option in options:
             if option is type(None):
@@ -248,8 +248,9 @@ def resolve_env_refs(cls: type, instance: Any, *, what: str) -> Any:
             continue
         missing = [m.group(1) for m in _ENV_REF.finditer(value) if m.group(1) not in os.environ]
         if missing:
-            problems.append(f"option '{name}' refers to {', '.join('{{env.' + m + '}}' for m in missing)}"
-                            f", but {'it is' if len(missing) == 1 else 'they are'} not set in the environment")
+            refs = ", ".join("{{env." + m + "}}" for m in missing)
+            verb = "it is" if len(missing) == 1 else "they are"
+            problems.append(f"option '{name}' refers to {refs}, but {verb} not set in the environment")
             continue
         text = _ENV_REF.sub(lambda m: os.environ[m.group(1)], value)
         try:

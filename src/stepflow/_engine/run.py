@@ -63,10 +63,11 @@ def resolve_operators(
             f"{' ...' if len(steps) > 5 else ''} use step_operator '{op}', which is not available{where}"
             for op, steps in missing.items()
         ]
-        hint = (
-            f"add it with `stepflow stack update {stack.name} -s {' -s '.join([*stack.step_operators, *missing])}`"
-            if stack is not None else "pass operators={...} to run()"
-        )
+        if stack is not None:
+            wanted = " -s ".join([*stack.step_operators, *missing])
+            hint = f"add it with `stepflow stack update {stack.name} -s {wanted}`"
+        else:
+            hint = "pass operators={...} to run()"
         raise UnknownOperatorError(
             "\n".join(lines) + f"\nknown step operators: {', '.join(known)}. Register one with "
             f"`stepflow step-operator register NAME --type=FLAVOR`, then {hint}."
@@ -188,8 +189,8 @@ async def run(
     skipped while independent branches finish; ``fail_fast=True`` cancels the rest instead.
     Events go to ``event_bus`` and to the stack's event sinks. Step operator names resolve
     against ``operators`` (live objects by name), then the step operators of ``stack`` (default:
-    the active stack), then the built-in ``local``. Sync steps run in at most ``max_threads`` worker threads. Step outputs must
-    be picklable unless ``check_outputs=False``. If the caller cancels, running steps are
+    the active stack), then the built-in ``local``. Sync steps run in at most ``max_threads``
+    worker threads. Step outputs must be picklable unless ``check_outputs=False``. If the caller cancels, running steps are
     cancelled (remote jobs stopped), reported as cancelled, and the cancellation propagates.
     """
     runner = prepare_runner(
