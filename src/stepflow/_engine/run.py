@@ -190,8 +190,9 @@ async def run(
     Events go to ``event_bus`` and to the stack's event sinks. Step operator names resolve
     against ``operators`` (live objects by name), then the step operators of ``stack`` (default:
     the active stack), then the built-in ``local``. Sync steps run in at most ``max_threads``
-    worker threads. Step outputs must be picklable unless ``check_outputs=False``. If the caller cancels, running steps are
-    cancelled (remote jobs stopped), reported as cancelled, and the cancellation propagates.
+    worker threads. Step outputs must be picklable unless ``check_outputs=False``. If the
+    caller cancels, running steps are cancelled (remote jobs stopped), reported as cancelled,
+    and the cancellation propagates.
     """
     runner = prepare_runner(
         pipeline, event_bus=event_bus, operators=operators, run_id=run_id,
