@@ -18,7 +18,8 @@ from typing import Any
 
 from stepflow.errors import StoreError
 
-BUSY_TIMEOUT_S = 15.0
+#: Seconds a writer waits for another process holding the lock ($STEPFLOW_STORE_TIMEOUT).
+BUSY_TIMEOUT_S = float(os.environ.get("STEPFLOW_STORE_TIMEOUT", "15"))
 
 MIGRATIONS: list[str] = [
     # 1: stack components and stacks
