@@ -73,3 +73,20 @@ class NotFoundError(StoreError, KeyError):
 
 class PluginError(StepflowError):
     """A plugin (flavor) failed to import, is malformed, or raised while being created."""
+
+
+class ImageBuildError(StepflowError):
+    """Building or pushing a step image failed (the message holds the log tail)."""
+
+
+class RemoteStepError(StepflowError):
+    """A step failed on a remote backend. ``remote_traceback`` holds the job's traceback."""
+
+    def __init__(self, message: str, remote_traceback: str = "", remote_type: str = "") -> None:
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
+        self.remote_type = remote_type
+
+
+class BackendError(StepflowError):
+    """A compute backend (Docker, SageMaker, ...) is unreachable or refused a request."""
