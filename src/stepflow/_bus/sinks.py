@@ -29,7 +29,8 @@ def _json_default(value: Any) -> Any:
 class JsonlSink(EventSink):
     """Appends every event as one JSON object per line to ``path``.
 
-    Lines are buffered and written when 256 events are pending, at most 0.5 s after an event
+    ``{run_id}`` in the path is replaced by the id of the first run it sees. Lines are buffered
+    and written when 256 events are pending, at most 0.5 s after an event
     arrives, and on every ``flush`` (end of run): a crash loses at most that window, and a
     reader tailing the file sees events within half a second.
     """
@@ -45,8 +46,11 @@ class JsonlSink(EventSink):
         self._max_pending = max_pending
         self._max_delay = max_delay
         self._timer: Any = None
+        self._run_id: str | None = None
 
     def emit(self, event: Event) -> None:
+        if self._run_id is None:
+            self._run_id = event.run_id
         self._pending.append(json.dumps(event_to_dict(event), default=_json_default))
         if (len(self._pending) >= self._max_pending
                 or time.monotonic() - self._last_write >= self._max_delay):
@@ -69,8 +73,11 @@ class JsonlSink(EventSink):
 
     def _write(self) -> None:
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
+            path = self.path
+            if "{run_id}" in str(path) and self._run_id:  # one file per run
+                path = Path(str(path).replace("{run_id}", self._run_id))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8")
         if self._pending:
             self._file.write("\n".join(self._pending) + "\n")
             self._pending.clear()

@@ -184,14 +184,15 @@ def build(cls: type, values: Mapping[str, Any], *, what: str, partial_ok: bool =
         if isinstance(value, str) and _ENV_REF.search(value):
             kwargs[key] = value
             continue
+        shown = REDACTED if spec.secret else repr(value)  # never echo a secret, even a bad one
         try:
             converted = convert(value, spec.type)
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            problems.append(f"option '{key}' expects {spec.type_name}, got {value!r} ({exc})")
+            problems.append(f"option '{key}' expects {spec.type_name}, got {shown}"
+                            + ("" if spec.secret else f" ({exc})"))
             continue
         if spec.choices and converted not in spec.choices:
-            problems.append(f"option '{key}' must be one of {', '.join(map(str, spec.choices))}, "
-                            f"got {converted!r}")
+            problems.append(f"option '{key}' must be one of {', '.join(map(str, spec.choices))}, got {shown}")
             continue
         kwargs[key] = converted
     if not partial_ok:

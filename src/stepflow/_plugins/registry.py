@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import traceback
 
 import attrs
 
@@ -75,9 +74,8 @@ def load(kind: str, name: str) -> Flavor:
     except Exception as exc:
         raise PluginError(
             f"{KIND_LABELS[kind]} flavor '{name}' from plugin distribution '{entry.distribution}' "
-            f"failed to load ({entry.target}): {type(exc).__name__}: {exc}\n"
-            + "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            + f"\nOnly stacks using this flavor are affected; reinstall or fix '{entry.distribution}'."
+            f"failed to load ({entry.target}): {type(exc).__name__}: {exc}. "
+            f"Only stacks using this flavor are affected; reinstall or fix '{entry.distribution}'."
         ) from exc
     flavor = obj() if isinstance(obj, type) else obj
     if not isinstance(flavor, Flavor):

@@ -83,6 +83,11 @@ class Client:
         return self.store
 
     def _bootstrap(self) -> None:
+        # Check with a read first: once bootstrapped, read-only calls (list, describe, run) must
+        # not take the write lock, or they would queue behind (and time out on) any writer.
+        if self.store.get_meta("bootstrapped") is not None:
+            self._bootstrapped = True
+            return
         now = Store.now()
         with self.store.write() as db:
             if db.execute("SELECT 1 FROM meta WHERE key = 'bootstrapped'").fetchone() is None:
@@ -178,7 +183,7 @@ class Client:
                 raise ConfigError(
                     f"{current.label} is used by stack{'s' if len(users) > 1 else ''} "
                     f"{', '.join(repr(u) for u in users)}; remove it from "
-                    f"{'them' if len(users) > 1 else 'it'} first (`stepflow stack update` or "
+                    f"{'those stacks' if len(users) > 1 else 'that stack'} first (`stepflow stack update` or "
                     "`stepflow stack delete`)"
                 )
             db.execute("DELETE FROM components WHERE kind = ? AND name = ?", (current.kind, name))
@@ -250,6 +255,8 @@ class Client:
         stack = attrs.evolve(current, **changes)
         self._validate_stack(stack)
         with self._db().write() as db:
+            if db.execute("SELECT 1 FROM stacks WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFoundError(f"stack '{name}' was deleted meanwhile")
             db.execute("DELETE FROM stack_members WHERE stack = ?", (name,))
             _write_members(db, stack)
             db.execute("UPDATE stacks SET updated_at = ? WHERE name = ?", (Store.now(), name))
@@ -260,9 +267,11 @@ class Client:
         self.get_stack(name)
         if name == DEFAULT_STACK:
             raise ConfigError("the default stack cannot be deleted")
-        if name == self.active_stack_name():
-            raise ConfigError(f"stack '{name}' is active; `stepflow stack set default` first")
         with self._db().write() as db:
+            # Checked under the write lock so a concurrent `stack set` cannot activate it meanwhile.
+            active = db.execute("SELECT value FROM meta WHERE key = 'active_stack'").fetchone()
+            if active is not None and active["value"] == name:
+                raise ConfigError(f"stack '{name}' is active; `stepflow stack set default` first")
             db.execute("DELETE FROM stacks WHERE name = ?", (name,))
 
     def get_stack(self, name: str) -> StackModel:
@@ -296,6 +305,9 @@ class Client:
         """Make ``name`` the active stack."""
         stack = self.get_stack(name)
         with self._db().write() as db:
+            # Re-checked under the write lock: the stack may have been deleted since get_stack.
+            if db.execute("SELECT 1 FROM stacks WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFoundError(f"stack '{name}' was deleted meanwhile")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('active_stack', ?)", (name,))
         return attrs.evolve(stack, is_active=True)
 
@@ -345,6 +357,12 @@ def _component(row: Any) -> ComponentModel:
 
 
 def _write_members(db: Any, stack: StackModel) -> None:
+    # Re-checked inside the write transaction: a concurrent delete_component may have removed a
+    # member since _validate_stack, and a stack must never point at a missing component.
+    gone = [f"{KIND_LABELS[k]} '{c}'" for k, c in stack.members()
+            if db.execute("SELECT 1 FROM components WHERE kind = ? AND name = ?", (k, c)).fetchone() is None]
+    if gone:
+        raise NotFoundError(f"stack '{stack.name}': {', '.join(gone)} no longer exist(s) (deleted meanwhile)")
     for pos, (kind, comp) in enumerate(stack.members()):
         db.execute("INSERT INTO stack_members VALUES (?, ?, ?, ?)", (stack.name, kind, comp, pos))
 
