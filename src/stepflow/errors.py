@@ -90,3 +90,11 @@ class RemoteStepError(StepflowError):
 
 class BackendError(StepflowError):
     """A compute backend (Docker, SageMaker, ...) is unreachable or refused a request."""
+
+
+class JobStoppedError(StepflowError):
+    """A remote job was stopped on its backend from outside stepflow; its step is reported cancelled."""
+
+
+class TransientBackendError(BackendError):
+    """A backend call failed in a way worth retrying (throttling, 5xx, connection reset)."""

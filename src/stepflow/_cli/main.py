@@ -74,21 +74,32 @@ def run_cmd(target: str, params: tuple[str, ...], events_file: str | None,
             pipeline = loaded
     except StepflowError as exc:
         fail(str(exc))
-    code = anyio.run(_run_pipeline, pipeline, events_file, max_concurrency, fail_fast, run_id,
-                     stack, progress, log_format)
+    code = anyio.run(_run_pipeline, pipeline, _stable_target(target), events_file, max_concurrency,
+                     fail_fast, run_id, stack, progress, log_format)
     sys.exit(code)
 
 
-async def _run_pipeline(pipeline: Any, events_file: str | None, max_concurrency: int | None,
+async def _run_pipeline(pipeline: Any, target: str | None, events_file: str | None, max_concurrency: int | None,
                         fail_fast: bool, run_id: str | None, stack: str | None,
                         progress: bool | None, log_format: str) -> int:
+    from stepflow._engine.run import prepare_runner
+
+    def prepare(bus: Any) -> Any:
+        return prepare_runner(pipeline, event_bus=bus, run_id=run_id, stack=stack, persist=True,
+                              target=target, max_concurrency=max_concurrency, fail_fast=fail_fast)
+
+    return await execute_with_display(prepare, events_file, progress, log_format, "running")
+
+
+async def execute_with_display(prepare: Any, events_file: str | None, progress: bool | None,
+                               log_format: str, verb: str) -> int:
+    """Prepare a runner on a fresh bus, run it with the live display or line output, summarize."""
     from rich.console import Console
     from rich.live import Live
 
     from stepflow._bus.bus import EventBus
     from stepflow._bus.sinks import ConsoleSink, JsonlSink
     from stepflow._cli.progress import LinePrinter, RunView, print_summary
-    from stepflow._engine.run import prepare_runner
 
     console = Console(highlight=False)
     interactive = console.is_terminal if progress is None else progress
@@ -98,11 +109,11 @@ async def _run_pipeline(pipeline: Any, events_file: str | None, max_concurrency:
     if not interactive and log_format == "structlog":
         bus.add_sink(ConsoleSink())
     try:
-        runner = prepare_runner(pipeline, event_bus=bus, run_id=run_id, stack=stack,
-                                max_concurrency=max_concurrency, fail_fast=fail_fast)
+        runner = prepare(bus)
     except StepflowError as exc:
         fail(str(exc))
-    console.print(f"running [bold]{pipeline.name}[/] ({len(pipeline.nodes)} steps) as run "
+    pipeline = runner.pipeline
+    console.print(f"{verb} [bold]{pipeline.name}[/] ({len(pipeline.nodes)} steps) as run "
                   f"[bold]{runner.run_id}[/] on stack [bold]{runner.stack}[/]")
     view = RunView(pipeline.name, runner.run_id, len(pipeline.nodes), runner.stack)
     printer = LinePrinter(console) if not interactive and log_format == "lines" else None
@@ -132,12 +143,17 @@ async def _run_pipeline(pipeline: Any, events_file: str | None, max_concurrency:
             anyio.create_task_group() as tg:
         tg.start_soon(consume, sub)
         tg.start_soon(watch_signals)
-        if interactive:
-            with Live(get_renderable=view.render, console=console, refresh_per_second=8,
-                      transient=True):
+        try:
+            if interactive:
+                with Live(get_renderable=view.render, console=console, refresh_per_second=8,
+                          transient=True):
+                    result = await runner.execute()
+            else:
                 result = await runner.execute()
-        else:
-            result = await runner.execute()
+        except StepflowError as exc:
+            sub.close()
+            signal_scope.cancel()
+            fail(str(exc))
         sub.close()  # the consumer drains what is buffered, then ends
         signal_scope.cancel()
     await bus.aclose()
@@ -145,6 +161,21 @@ async def _run_pipeline(pipeline: Any, events_file: str | None, max_concurrency:
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if result.status == "succeeded" else EXIT_FAILED
+
+
+from stepflow._cli.components import register_commands  # noqa: E402  (needs `cli` and `fail` above)
+from stepflow._cli.runs import register_run_commands  # noqa: E402
+
+register_commands(cli)
+register_run_commands(cli)
+
+
+def _stable_target(ref: str) -> str:
+    """The reference as `stepflow resume` will need it (file paths made absolute)."""
+    module, _, attr = ref.rpartition(":")
+    if module.endswith(".py") or "/" in module:
+        return f"{os.path.abspath(module)}:{attr}"
+    return ref
 
 
 def main() -> None:

@@ -164,7 +164,7 @@ def _as_list(after: Any) -> Iterable[Any]:
 class Pipeline:
     """A recorded, validated, immutable DAG of steps, ready to be run."""
 
-    __slots__ = ("_recorder", "by_name", "children", "name", "nodes", "output", "params")
+    __slots__ = ("_recorder", "by_name", "children", "definition", "name", "nodes", "output", "params")
 
     def __init__(self, name: str, params: dict[str, Any], recorder: _Recorder, output: Any) -> None:
         self.name = name
@@ -173,6 +173,8 @@ class Pipeline:
         self.by_name: dict[str, int] = recorder.names
         self.output = output
         self._recorder = recorder
+        #: The @pipeline function this was recorded from (used to re-create it on resume).
+        self.definition: PipelineDef[Any] | None = None
         children: list[list[int]] = [[] for _ in self.nodes]
         for node in self.nodes:
             for d in node.deps:
@@ -189,6 +191,13 @@ class Pipeline:
     def step_names(self) -> list[str]:
         """Step names in recording order."""
         return [n.name for n in self.nodes]
+
+    def target(self) -> str | None:
+        """``module:attribute`` that re-creates this pipeline in another process, if any."""
+        fn = getattr(self.definition, "fn", None)
+        if fn is None or fn.__module__ == "__main__" or "<locals>" in fn.__qualname__:
+            return None
+        return f"{fn.__module__}:{fn.__name__}"
 
     def operators(self) -> set[str]:
         """Names of every step operator the pipeline's steps ask for."""
@@ -285,7 +294,9 @@ class PipelineDef(Generic[P]):
             output = self.fn(*bound.args, **bound.kwargs)
         finally:
             _RECORDER.reset(token)
-        return build_pipeline(self.name, dict(bound.arguments), recorder, output)
+        built = build_pipeline(self.name, dict(bound.arguments), recorder, output)
+        built.definition = self
+        return built
 
 
 def build_pipeline(name: str, params: dict[str, Any], recorder: _Recorder, output: Any) -> Pipeline:

@@ -150,6 +150,9 @@ def prepare_runner(
     max_threads: int = 128,
     check_outputs: bool = True,
     stack: str | None = None,
+    persist: bool | None = None,
+    target: str | None = None,
+    preloaded: Mapping[str, Any] | None = None,
 ) -> Any:
     """Validate everything a run needs and return a ready, not yet started, runner."""
     from stepflow._engine.scheduler import Runner  # deferred: asyncio is heavy to import
@@ -161,12 +164,40 @@ def prepare_runner(
     ops = resolve_operators(p, operators, model, client)
     validate_for_operators(p, ops)
     sinks = [client.instantiate("event_sink", name) for name in model.event_sinks]
+    remote = any(op.requires_pickling for op in ops.values())
+    components: dict[str, Any] = {"artifact_store": client.instantiate("artifact_store", model.artifact_store)}
+    if remote and model.container_registry:
+        components["container_registry"] = client.instantiate("container_registry", model.container_registry)
+    if remote and model.image_builder:
+        components["image_builder"] = client.instantiate("image_builder", model.image_builder)
+    if persist is None:
+        persist = remote  # remote job handles must survive a crash of this process
+    run_store = None
+    if persist:
+        from stepflow._store.runs import RunStore
+
+        run_store = RunStore(client.store)
     return Runner(
         p, bus=event_bus or EventBus(), operators=ops, run_id=run_id,
         max_concurrency=max_concurrency, operator_concurrency=operator_concurrency,
         fail_fast=fail_fast, max_threads=max_threads, check_outputs=check_outputs,
-        stack=model.name, sinks=sinks,
+        stack=model.name, sinks=sinks, components=components, run_store=run_store,
+        target=target if target is not None else _resumable_target(p), preloaded=preloaded,
+        cache_dir=client.store.home / "cache",
     )
+
+
+def _resumable_target(p: Pipeline) -> str | None:
+    import json
+
+    target = p.target()
+    if target is None:
+        return None
+    try:
+        json.dumps(p.params)
+    except (TypeError, ValueError):
+        return None  # parameters that cannot be stored cannot be replayed
+    return target
 
 
 async def run(
@@ -181,6 +212,7 @@ async def run(
     max_threads: int = 128,
     check_outputs: bool = True,
     stack: str | None = None,
+    persist: bool | None = None,
 ) -> RunResult:
     """Run a pipeline and return its :class:`RunResult`.
 
@@ -190,7 +222,10 @@ async def run(
     Events go to ``event_bus`` and to the stack's event sinks. Step operator names resolve
     against ``operators`` (live objects by name), then the step operators of ``stack`` (default:
     the active stack), then the built-in ``local``. Sync steps run in at most ``max_threads``
-    worker threads. Step outputs must be picklable unless ``check_outputs=False``. If the
+    worker threads. Step outputs must be picklable unless ``check_outputs=False``.
+    ``persist`` records the run, its events, remote job handles and step outputs in the run
+    store so ``stepflow resume`` can finish it after a crash (default: on when any step runs
+    on a remote operator; the CLI always persists). If the
     caller cancels, running steps are cancelled (remote jobs stopped), reported as cancelled,
     and the cancellation propagates.
     """
@@ -198,6 +233,7 @@ async def run(
         pipeline, event_bus=event_bus, operators=operators, run_id=run_id,
         max_concurrency=max_concurrency, operator_concurrency=operator_concurrency,
         fail_fast=fail_fast, max_threads=max_threads, check_outputs=check_outputs, stack=stack,
+        persist=persist,
     )
     result: RunResult = await runner.execute()
     return result
@@ -206,3 +242,71 @@ async def run(
 def run_sync(pipeline: Pipeline | PipelineDef[Any], **options: Any) -> RunResult:
     """Blocking :func:`run` for code without an event loop (same options)."""
     return anyio.run(functools.partial(run, pipeline, **options))
+
+
+async def resume(run_id: str, *, event_bus: EventBus | None = None, **options: Any) -> RunResult:
+    """Finish an interrupted run: reuse stored outputs, re-attach to recorded remote jobs.
+
+    Steps whose outputs were stored are not run again; a remote step whose job was recorded
+    is re-attached (its output read, or the job awaited) instead of being submitted again.
+    """
+    runner = prepare_resume(run_id, event_bus=event_bus, **options)
+    result: RunResult = await runner.execute()
+    return result
+
+
+def prepare_resume(run_id: str, *, event_bus: EventBus | None = None, **options: Any) -> Any:
+    """Validate that ``run_id`` can be resumed and return a ready runner."""
+    import json
+    import os
+    import socket
+
+    from stepflow._cli.loader import load_target
+    from stepflow._remote.io import read_uri
+    from stepflow._remote.payload import MAGIC
+    from stepflow._store.runs import RunStore
+    from stepflow._store.sqlite import Store
+    from stepflow.errors import StepflowError
+
+    runs = RunStore(Store())
+    record = runs.get_run(run_id)
+    if record.status == "succeeded":
+        raise StepflowError(f"run {run_id} already succeeded; nothing to resume")
+    if record.status == "running" and record.host == socket.gethostname() and record.pid and _alive(record.pid) \
+            and record.pid != os.getpid():
+        raise StepflowError(f"run {run_id} is still running in process {record.pid}; stop it first or wait")
+    if not record.target:
+        raise StepflowError(f"run {run_id} was started from code stepflow cannot import again (a pipeline "
+                            "defined in __main__ or in a function, or parameters that are not JSON); it "
+                            "cannot be resumed")
+    loaded = load_target(record.target)
+    pipeline = loaded(**record.params) if isinstance(loaded, PipelineDef) else loaded
+    stored = runs.steps(run_id)
+    unknown = [s.step for s in stored if s.step not in pipeline.by_name]
+    if unknown:
+        raise StepflowError(f"run {run_id}: the pipeline changed since the run started (steps "
+                            f"{', '.join(unknown[:5])} no longer exist); start a new run instead")
+    preloaded: dict[str, Any] = {}
+    for s in stored:
+        if s.output_uri:
+            data = read_uri(s.output_uri)
+            if data.startswith(MAGIC):
+                raise StepflowError(f"unexpected envelope at {s.output_uri}")
+            import pickle
+
+            preloaded[s.step] = pickle.loads(data)
+    del json
+    return prepare_runner(pipeline, event_bus=event_bus, run_id=run_id, stack=record.stack, persist=True,
+                          target=record.target, preloaded=preloaded, **options)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

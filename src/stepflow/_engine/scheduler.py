@@ -33,7 +33,7 @@ from stepflow._dsl.pipeline import Pipeline, StepNode
 from stepflow._dsl.step import StepOutput
 from stepflow._engine.context import _CTX
 from stepflow._engine.result import RunResult, StepError, StepResult
-from stepflow.errors import NonRetryableError, OutputNotPicklableError, StepTimeoutError
+from stepflow.errors import JobStoppedError, NonRetryableError, OutputNotPicklableError, StepTimeoutError
 from stepflow.events import (
     RunFinished,
     RunStarted,
@@ -76,6 +76,11 @@ class Runner:
         check_outputs: bool = True,
         stack: str | None = None,
         sinks: Sequence[EventSink] = (),
+        components: Mapping[str, Any] | None = None,
+        run_store: Any = None,
+        target: str | None = None,
+        preloaded: Mapping[str, Any] | None = None,
+        cache_dir: Any = None,
     ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -87,6 +92,11 @@ class Runner:
         self.check_outputs = check_outputs
         self.stack = stack
         self._sinks = list(sinks)
+        self.components = dict(components or {})
+        self.run_store = run_store  # persistence (resume) is on when set
+        self.target = target
+        self._preloaded = dict(preloaded or {})
+        self._cache_dir = cache_dir
         self._max = max_concurrency or 0
         limits: dict[str, int] = {}
         for name, op in operators.items():
@@ -139,16 +149,21 @@ class Runner:
         self._loop = loop
         self._done = asyncio.Event()
         self._limiter = anyio.CapacityLimiter(self._max_threads)
+        if self.run_store is not None:
+            await self._open_run_store()
         for sink in self._sinks:  # the stack's sinks see this run only
             self.bus.add_sink(sink)
+        await self._attach_operators()
         started = time.time()
         self._emit(RunStarted, self.pipeline.name, len(self.pipeline.nodes),
                    _printable(self.pipeline.params), self.stack)
         cancelled_from_outside = False
         try:
+            self._apply_preloaded()
             for node in self.pipeline.nodes:
-                if not node.deps:
+                if self._remaining[node.index] == 0 and self._results[node.index] is None:
                     self._ready(node.index)
+            self._check_done()
             if self._unfinished:
                 await self._done.wait()
             if self._cancel_requested:
@@ -167,6 +182,9 @@ class Runner:
         with anyio.CancelScope(shield=True):
             self._emit(RunFinished, result.status, result.duration, result.counts())
             await self.bus.flush()
+            if self.run_store is not None:
+                with contextlib.suppress(Exception):
+                    await anyio.to_thread.run_sync(self.run_store.finish_run, self.run_id, result.status)
             for op in self.operators.values():
                 with contextlib.suppress(Exception):  # closing must not hide the run's outcome
                     await op.aclose()
@@ -178,6 +196,60 @@ class Runner:
         if cancelled_from_outside:
             raise asyncio.CancelledError
         return result
+
+    async def _open_run_store(self) -> None:
+        from stepflow._store.sink import RunStoreSink
+
+        store = self.run_store
+        params = dict(self.pipeline.params)
+        await anyio.to_thread.run_sync(store.start_run, self.run_id, self.pipeline.name, self.target, params,
+                                       self.stack, len(self.pipeline.nodes))
+        if self._preloaded:  # a resumed run continues its event sequence
+            self._seq = await anyio.to_thread.run_sync(store.last_seq, self.run_id)
+        self._sinks.insert(0, RunStoreSink(store))
+
+    async def _attach_operators(self) -> None:
+        from stepflow.remote import RunResources
+
+        def emit(cls: Any, **fields: Any) -> None:
+            if self.bus.active:
+                self._seq += 1
+                self.bus.publish(cls(run_id=self.run_id, seq=self._seq, ts=time.time(), **fields))
+
+        resources = RunResources(
+            run_id=self.run_id, stack=self.stack,
+            artifact_store=self.components.get("artifact_store"),
+            container_registry=self.components.get("container_registry"),
+            image_builder=self.components.get("image_builder"),
+            run_store=self.run_store, emit=emit, cache_dir=self._cache_dir,
+        )
+        for op in self.operators.values():
+            await op.attach(resources)
+
+    def _apply_preloaded(self) -> None:
+        """Resumed run: steps whose outputs were stored count as done and are not re-run."""
+        for name, value in self._preloaded.items():
+            i = self.pipeline.by_name[name]
+            self._results[i] = StepResult(name, "succeeded", self._op_label(i), 0,
+                                          reason="output reused from the interrupted run")
+            self._outputs[i] = value
+            self._unfinished -= 1
+        for name in self._preloaded:
+            for c in self.pipeline.children[self.pipeline.by_name[name]]:
+                self._remaining[c] -= 1
+
+    async def _persist_output(self, i: int, value: Any) -> None:
+        """Store a step's output so a resumed run can reuse it instead of running it again."""
+        store = self.components.get("artifact_store")
+        if store is None:
+            return
+        import cloudpickle
+
+        name = self.pipeline.nodes[i].name
+        uri = f"{store.root.rstrip('/')}/runs/{self.run_id}/{name}/output.pkl"
+        data = await anyio.to_thread.run_sync(cloudpickle.dumps, value)
+        await store.write_bytes(uri, data)
+        await anyio.to_thread.run_sync(self.run_store.set_output, self.run_id, name, uri)
 
     def cancel(self) -> None:
         """Ask the run to stop: running steps are cancelled, pending ones never start."""
@@ -289,10 +361,13 @@ class Runner:
         res.started_at = time.time()
         try:
             value = await self._attempts(node, res, op)
-        except asyncio.CancelledError:
+            if self.run_store is not None:
+                await self._persist_output(i, value)
+        except (asyncio.CancelledError, JobStoppedError) as exc:
+            # JobStoppedError: stopped on its backend by someone else, which is a cancellation too.
             res.finished_at = time.time()
             res.status = "cancelled"
-            res.reason = self._stopping or "cancelled"
+            res.reason = (str(exc) if isinstance(exc, JobStoppedError) else None) or self._stopping or "cancelled"
             self._unfinished -= 1
             self._emit(StepCancelled, node.name, res.reason)
             self._release(op)
@@ -359,7 +434,7 @@ class Runner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if (attempt > step.retries or isinstance(exc, (NonRetryableError,))
+                if (attempt > step.retries or isinstance(exc, (NonRetryableError, JobStoppedError))
                         or not isinstance(exc, step.retry_on)):
                     raise
                 delay = _backoff(step, attempt)

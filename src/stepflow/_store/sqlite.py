@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,26 @@ MIGRATIONS: list[str] = [
         component TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (stack, kind, component));
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: runs, steps, remote jobs, events, payload keys
+    """
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, target TEXT, params TEXT NOT NULL,
+        stack TEXT, status TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL,
+        pid INTEGER, host TEXT, step_count INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE steps (
+        run_id TEXT NOT NULL, step TEXT NOT NULL, status TEXT NOT NULL, operator TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0, started_at REAL, finished_at REAL, error TEXT,
+        output_uri TEXT, PRIMARY KEY (run_id, step));
+    CREATE TABLE jobs (
+        run_id TEXT NOT NULL, step TEXT NOT NULL, attempt INTEGER NOT NULL, operator TEXT NOT NULL,
+        job_name TEXT NOT NULL, job_id TEXT NOT NULL, payload_uri TEXT, status TEXT,
+        submitted_at REAL NOT NULL, PRIMARY KEY (run_id, step, attempt));
+    CREATE TABLE events (
+        run_id TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, type TEXT NOT NULL,
+        step TEXT, data TEXT NOT NULL, PRIMARY KEY (run_id, seq));
+    CREATE INDEX events_by_step ON events (run_id, step, type);
+    CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 ]
 
 
@@ -48,6 +69,8 @@ class Store:
         self.home = Path(home).expanduser() if home is not None else stepflow_home()
         self.path = self.home / "stepflow.db"
         self._conn: sqlite3.Connection | None = None
+        # One connection shared by the loop thread and worker threads: serialize its use.
+        self.lock = threading.RLock()
 
     # -- connection --------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -117,29 +140,31 @@ class Store:
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (``BEGIN IMMEDIATE``: concurrent writers wait their turn)."""
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.DatabaseError as exc:
-            raise self._explain(exc) from None
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
+        with self.lock:
+            conn = self._connect()
             try:
-                conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
             except sqlite3.DatabaseError as exc:
                 raise self._explain(exc) from None
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.DatabaseError as exc:
+                    raise self._explain(exc) from None
 
     def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         """Run one query and return every row."""
-        conn = self._connect()
-        try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise self._explain(exc) from None
+        with self.lock:
+            conn = self._connect()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise self._explain(exc) from None
 
     # -- meta --------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

@@ -58,6 +58,13 @@ class StepOperator(abc.ABC):
     async def launch(self, invocation: Invocation) -> Any:
         """Run one attempt of a step and return its output."""
 
+    async def attach(self, resources: Any) -> None:  # noqa: B027 - optional hook
+        """Receive the run's resources once, before any launch.
+
+        ``resources`` is a :class:`stepflow.remote.RunResources`: the run id, the stack's artifact
+        store, container registry and image builder, and the run store.
+        """
+
     def validate_settings(self, settings: Mapping[str, Any]) -> list[str]:
         """Return problems with a step's ``settings`` for this operator (empty when valid)."""
         return []
