@@ -130,9 +130,10 @@ class LinePrinter:
         elif isinstance(ev, StepCancelled):
             c.print(f"[magenta]■[/] {ev.step} cancelled: {ev.reason}", highlight=False)
         elif isinstance(ev, LogLine):
-            c.print(f"  [dim]{ev.step} |[/] {ev.line}", highlight=False, markup=False)
+            c.print(Text.assemble((f"  {ev.step} | ", "dim"), ev.line), highlight=False)
         elif isinstance(ev, JobStatusChanged):
-            c.print(f"  [dim]{ev.step}: job {ev.job_id} {ev.status} {ev.detail}[/]", highlight=False)
+            c.print(Text(f"  {ev.step}: job {ev.job_id} {ev.status} {ev.detail}".rstrip(), style="dim"),
+                    highlight=False)
 
 
 def print_summary(console: Console, result: RunResult, max_rows: int = 40) -> None:
