@@ -260,4 +260,7 @@ def resolve_env_refs(cls: type, instance: Any, *, what: str) -> Any:
             problems.append(f"option '{name}' (from the environment) expects {spec.type_name}: {exc}")
     if problems:
         raise ConfigError(f"{what}: " + "; ".join(problems))
-    return attrs.evolve(instance, **changes) if changes else instance
+    try:
+        return attrs.evolve(instance, **changes) if changes else instance
+    except (TypeError, ValueError) as exc:  # the config class's own validators
+        raise ConfigError(f"{what}: {exc}") from None
