@@ -16,10 +16,10 @@ test: env
 ## env: a virtualenv with stepflow (editable) and the development tools
 env: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml examples/plugin-subprocess/pyproject.toml
+$(BIN)/.installed: pyproject.toml examples/plugin-subprocess/pyproject.toml plugins/stepflow-docker/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]' -e examples/plugin-subprocess
+	$(BIN)/python -m pip install -q -e '.[dev]' -e examples/plugin-subprocess -e plugins/stepflow-docker
 	touch $@
 
 lint: env

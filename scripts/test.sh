@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Lint, type-check and run the test suite inside the project's virtualenv.
+# Start what the tests need (dockerd, a registry, the base image: scripts/services.sh), then lint,
+# type-check and run the whole test suite inside the project's virtualenv.
 # A run that collects no test is an error: CI must never go green on nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
+
+if [ "$(id -u)" = 0 ] || [ -n "${CI:-}" ]; then
+    bash scripts/services.sh
+else
+    echo "test.sh: not root: skipping scripts/services.sh (Docker tests skip loudly if its services are missing)" >&2
+fi
+if [ -n "${CI:-}" ]; then
+    export STEPFLOW_REQUIRE_SERVICES=1  # wire-level fakes (moto, GCS emulator, Azurite) must run, not skip
+fi
 
 "$BIN/ruff" check .
 "$BIN/mypy"

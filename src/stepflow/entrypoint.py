@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         key = _key()
         raw = read_uri(args.payload)
         header, body = envelope.decode(raw, key, kind="payload")
-        fn = body["fn"]
+        fn = envelope.resolve_function(body["fn_ref"]) if "fn_ref" in body else body["fn"]
         call_args = _resolve_refs(body["args"])
         call_kwargs = _resolve_refs(body["kwargs"])
     except Exception as exc:  # refused: nothing of the payload ran

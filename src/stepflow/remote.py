@@ -409,7 +409,11 @@ class RemoteJobOperator(StepOperator):
             refs: list[tuple[str, bytes]] = []
             args = tuple(big_to_refs(a, refs) for a in inv.args)
             kwargs = {k: big_to_refs(v, refs) for k, v in inv.kwargs.items()}
-            body = {"fn": inv.fn, "args": args, "kwargs": kwargs}
+            ref = envelope.function_ref(inv.fn)
+            # By reference when importable: the image has the project code, and tracebacks keep
+            # real file names and lines (by value they would read "<dynamic-code>").
+            body = {"fn_ref": ref, "args": args, "kwargs": kwargs} if ref else {"fn": inv.fn, "args": args,
+                                                                                 "kwargs": kwargs}
             data = envelope.encode("payload", body, key, run_id=inv.run_id, step=inv.step, attempt=inv.attempt)
             return data, refs
 

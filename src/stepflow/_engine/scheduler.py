@@ -188,6 +188,11 @@ class Runner:
             for op in self.operators.values():
                 with contextlib.suppress(Exception):  # closing must not hide the run's outcome
                     await op.aclose()
+            for component in self.components.values():
+                closer = getattr(component, "aclose", None)
+                if closer is not None:
+                    with contextlib.suppress(Exception):
+                        await closer()
             for sink in self._sinks:
                 if sink in self.bus.sinks:
                     self.bus.remove_sink(sink)

@@ -152,3 +152,30 @@ def sha256(data: bytes) -> str:
 def python_tag() -> str:
     """``3.11`` for error messages."""
     return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def function_ref(fn: Any) -> tuple[str, str] | None:
+    """``(module, qualname)`` when ``fn`` (or the @step wrapping it) can be imported by name."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<locals>" in qualname:
+        return None
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if obj is fn or getattr(obj, "fn", None) is fn:
+        return module, qualname
+    return None
+
+
+def resolve_function(ref: tuple[str, str]) -> Any:
+    """Import what :func:`function_ref` named; unwrap a @step to its function."""
+    import importlib
+
+    module, qualname = ref
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    from stepflow._dsl.step import Step
+
+    return obj.fn if isinstance(obj, Step) else obj

@@ -1,0 +1,146 @@
+"""Shared fixtures for tests against the real Docker daemon and registry of this machine.
+
+``scripts/services.sh`` starts dockerd, a registry on 127.0.0.1:5000 and builds the base image
+``stepflow-base:py3.11``. Without them the Docker tests are skipped loudly, except under CI (env
+``CI`` set), where they fail: they must run there.
+
+Decorate each such test with :func:`docker_test` (marks it ``docker`` and checks the services).
+The fixtures ``builder``, ``registry``, ``make_registry`` and ``docker_available`` depend on no
+other fixture of this module: bind the ones a test module uses as module attributes
+(``builder = docker_env.builder``) and pytest finds them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import re
+import subprocess
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from stepflow._components.registry import DefaultContainerRegistry
+from stepflow._flavors.builtin import DefaultRegistryConfig
+
+REGISTRY = "127.0.0.1:5000"
+BASE_IMAGE = "stepflow-base:py3.11"
+SERVICES = "scripts/services.sh"
+
+_probe_result: list[str | None] = []
+
+
+def _probe() -> str | None:
+    """What is missing for the Docker tests (None: all there). Checked once per session."""
+    if _probe_result:
+        return _probe_result[0]
+    problem = None
+    try:
+        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
+                              text=True, timeout=20)
+        if info.returncode != 0:
+            problem = f"dockerd does not answer `docker info` ({(info.stderr or info.stdout).strip()})"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = f"cannot run `docker info` ({exc})"
+    if problem is None:
+        try:
+            with urllib.request.urlopen(f"http://{REGISTRY}/v2/", timeout=5) as resp:
+                if resp.status != 200:
+                    problem = f"the registry http://{REGISTRY}/v2/ answers HTTP {resp.status}"
+        except OSError as exc:
+            problem = f"no registry at http://{REGISTRY}/v2/ ({exc})"
+    if problem is None:
+        found = subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True, timeout=20)
+        if found.returncode != 0:
+            problem = f"the base image {BASE_IMAGE} is missing"
+    _probe_result.append(problem)
+    return problem
+
+
+def require_docker() -> None:
+    """Skip the calling test (locally) or fail it (CI) when a Docker service is missing."""
+    problem = _probe()
+    if problem is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"Docker tests must run in CI: run {SERVICES} first ({problem})", pytrace=False)
+    pytest.skip(f"SKIPPED DOCKER TESTS: {problem}. Run `sudo {SERVICES}` to start dockerd, the registry "
+                f"on {REGISTRY} and build {BASE_IMAGE}; CI (env CI set) fails instead of skipping")
+
+
+@pytest.fixture(scope="session")
+def docker_available() -> None:
+    """Skip (locally) or fail (CI) when dockerd, the registry or the base image is missing."""
+    require_docker()
+
+
+def docker_test(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a test as needing Docker (``pytest -m docker``) and check the services before it runs.
+
+    Works without importing any fixture: the check runs in a wrapper around the test.
+    """
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            require_docker()
+            return await fn(*args, **kwargs)
+
+        return pytest.mark.docker(async_wrapper)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        require_docker()
+        return fn(*args, **kwargs)
+
+    return pytest.mark.docker(wrapper)
+
+
+def remove_local_images(prefix: str) -> None:
+    """Remove this daemon's images whose repository starts with ``prefix`` (test cleanup)."""
+    listed = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
+                            text=True, timeout=60)
+    refs = [r for r in listed.stdout.split() if r.startswith(prefix)]
+    if refs:
+        subprocess.run(["docker", "rmi", "-f", *refs], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def make_registry(request: pytest.FixtureRequest) -> Iterator[Callable[[], DefaultContainerRegistry]]:
+    """Factory of registries at ``127.0.0.1:5000/<unique prefix>``: tests never see each other's tags.
+
+    Local images pushed under those prefixes are removed afterwards.
+    """
+    require_docker()
+    made: list[str] = []
+    test = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+
+    def make() -> DefaultContainerRegistry:
+        prefix = f"t-{uuid.uuid4().hex[:8]}-{test}"
+        made.append(f"{REGISTRY}/{prefix}/")
+        return DefaultContainerRegistry("test-registry", DefaultRegistryConfig(uri=f"{REGISTRY}/{prefix}"))
+
+    yield make
+    for prefix in made:
+        remove_local_images(prefix)
+
+
+@pytest.fixture
+def registry(make_registry: Callable[[], DefaultContainerRegistry]) -> DefaultContainerRegistry:
+    """A registry under a prefix of its own."""
+    return make_registry()
+
+
+@pytest.fixture
+async def builder() -> AsyncIterator[Any]:
+    """The real Docker image builder on the local daemon (closed after the test)."""
+    from stepflow_docker.builder import DockerImageBuilder
+
+    require_docker()
+
+    b = DockerImageBuilder(name="docker")
+    yield b
+    await b.aclose()
