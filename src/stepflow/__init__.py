@@ -10,7 +10,7 @@ from stepflow._dsl.pipeline import Pipeline, PipelineDef, pipeline
 from stepflow._dsl.step import Step, StepOutput, step
 from stepflow._engine.context import StepContext, current_step
 from stepflow._engine.result import RunResult, StepError, StepResult
-from stepflow._engine.run import run, run_sync
+from stepflow._engine.run import resume, run, run_sync
 from stepflow._operators.local import LocalStepOperator
 from stepflow._version import __version__
 from stepflow.errors import (
@@ -52,6 +52,7 @@ __all__ = [
     "current_step",
     "pipeline",
     "read_jsonl",
+    "resume",
     "run",
     "run_sync",
     "step",

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from stepflow._config import options
 from stepflow._dsl.pipeline import Pipeline, PipelineDef
 from stepflow.errors import ParameterError, PipelineLoadError
 
@@ -86,48 +87,12 @@ def _hints(pdef: PipelineDef[Any]) -> dict[str, Any]:
 
 
 def _convert(value: str, ann: Any) -> Any:
-    origin = typing.get_origin(ann)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(ann) if a is not type(None)]
-        if value.lower() in ("none", "null") and len(options) < len(typing.get_args(ann)):
-            return None
-        errors = []
-        for option in options:
-            try:
-                return _convert(value, option)
-            except (ValueError, TypeError) as exc:
-                errors.append(str(exc))
-        raise ValueError("; ".join(errors))
-    if ann is bool:
-        low = value.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("expected a boolean (true/false, yes/no, 1/0)")
-    if ann is int:
-        return int(value)
-    if ann is float:
-        return float(value)
-    if ann is str:
-        return value
-    if ann is Path:
-        return Path(value)
-    if origin in (list, dict, tuple, set) or ann in (list, dict, tuple, set):
-        parsed = json.loads(value)
-        base = origin or ann
-        if base is tuple and isinstance(parsed, list):
-            return tuple(parsed)
-        if base is set and isinstance(parsed, list):
-            return set(parsed)
-        if not isinstance(parsed, base):
-            raise ValueError(f"expected a JSON {base.__name__}")
-        return parsed
-    # No or unusual annotation: accept JSON literals, fall back to the raw string.
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
+    if ann is None or ann is object or ann is Any:
+        try:  # no usable annotation: accept JSON literals, fall back to the raw string
+            return json.loads(value)
+        except ValueError:
+            return value
+    return options.convert(value, ann)
 
 
 def parse_params(pdef: PipelineDef[Any], items: tuple[str, ...] | list[str]) -> dict[str, Any]:

@@ -94,14 +94,13 @@ async def _run_pipeline(pipeline: Any, target: str | None, events_file: str | No
 async def execute_with_display(prepare: Any, events_file: str | None, progress: bool | None,
                                log_format: str, verb: str) -> int:
     """Prepare a runner on a fresh bus, run it with the live display or line output, summarize."""
-    from rich.console import Console
     from rich.live import Live
 
     from stepflow._bus.bus import EventBus
     from stepflow._bus.sinks import ConsoleSink, JsonlSink
-    from stepflow._cli.progress import LinePrinter, RunView, print_summary
+    from stepflow._cli.progress import LinePrinter, RunView, make_console, print_summary
 
-    console = Console(highlight=False)
+    console = make_console()
     interactive = console.is_terminal if progress is None else progress
     bus = EventBus()
     if events_file:

@@ -31,6 +31,13 @@ _STYLE = {
 }
 
 
+def make_console() -> Console:
+    """A console for CLI output: the terminal's width, or 160 columns when piped (logs, CI)."""
+    import sys
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
 class RunView:
     """Folds events into counts and renders the live panel."""
 
@@ -71,7 +78,7 @@ class RunView:
             self.done["cancelled"] += 1
         elif isinstance(ev, (LogLine, JobStatusChanged)):
             text = (f"{ev.step}: {ev.line}" if isinstance(ev, LogLine)
-                    else f"{ev.step}: job {ev.job_id} {ev.status} {ev.detail}".rstrip())
+                    else f"{ev.step}: job {ev.job_id[:24]} {ev.status} {ev.detail}".rstrip())
             self.last_lines = [*self.last_lines[-4:], text]
 
     def render(self) -> Any:
@@ -132,7 +139,7 @@ class LinePrinter:
         elif isinstance(ev, LogLine):
             c.print(Text.assemble((f"  {ev.step} | ", "dim"), ev.line), highlight=False)
         elif isinstance(ev, JobStatusChanged):
-            c.print(Text(f"  {ev.step}: job {ev.job_id} {ev.status} {ev.detail}".rstrip(), style="dim"),
+            c.print(Text(f"  {ev.step}: job {ev.job_id[:24]} {ev.status} {ev.detail}".rstrip(), style="dim"),
                     highlight=False)
 
 

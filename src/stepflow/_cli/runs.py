@@ -40,8 +40,9 @@ def register_run_commands(cli: click.Group) -> None:
     @click.option("--pipeline", default=None, help="Only runs of this pipeline.")
     def runs_list(limit: int, pipeline: str | None) -> None:
         """List recent runs, newest first."""
-        from rich.console import Console
         from rich.table import Table
+
+        from stepflow._cli.progress import make_console
 
         try:
             runs = _runs().list_runs(limit, pipeline)
@@ -53,14 +54,15 @@ def register_run_commands(cli: click.Group) -> None:
         for r in runs:
             table.add_row(r.run_id, r.pipeline, r.status, r.stack or "", _when(r.started_at),
                           _dur(r.started_at, r.finished_at), str(r.step_count))
-        Console().print(table if runs else "no runs recorded yet (runs started with `stepflow run` are)")
+        make_console().print(table if runs else "no runs recorded yet (runs started with `stepflow run` are)")
 
     @runs_group.command("show")
     @click.argument("run_id")
     def runs_show(run_id: str) -> None:
         """Show a run: its steps with status, durations, attempts and where each ran."""
-        from rich.console import Console
         from rich.table import Table
+
+        from stepflow._cli.progress import make_console
 
         try:
             store = _runs()
@@ -69,7 +71,7 @@ def register_run_commands(cli: click.Group) -> None:
             jobs = {(j.step, j.attempt): j for j in store.jobs(run_id)}
         except StepflowError as exc:
             fail(str(exc))
-        console = Console(highlight=False)
+        console = make_console()
         console.print(f"run [bold]{run.run_id}[/] of [bold]{run.pipeline}[/]: {run.status}")
         console.print(f"  stack {run.stack or '-'}   started {_when(run.started_at)}   "
                       f"duration {_dur(run.started_at, run.finished_at) or '-'}   target {run.target or '-'}")

@@ -8,6 +8,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -128,7 +129,15 @@ def convert(value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ValueError("expected a string")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ValueError("expected a path")
     base = origin or tp
+    if base is set or base is frozenset:
+        args = typing.get_args(tp)
+        members = convert(value, list[args[0]]) if args else convert(value, list)  # type: ignore[valid-type]
+        return base(members)
     if base in (list, tuple):
         if isinstance(value, str):
             text = value.strip()
