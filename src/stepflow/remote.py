@@ -310,9 +310,12 @@ class RemoteJobOperator(StepOperator):
         if self._images is None:
             self._images = ImageManager(res.image_builder, res.container_registry,  # type: ignore[arg-type]
                                         cache_dir=res.cache_dir, emit=res.emit)
+        wanted = [*(settings.get("requirements") or getattr(self.config, "requirements", None) or ())]
+        store = res.artifact_store
+        wanted += [r for r in getattr(store, "image_requirements", ()) if r not in wanted]  # jobs must reach it
         spec = ImageSpec(
             base_image=self.base_image(settings),
-            requirements=tuple(settings.get("requirements") or getattr(self.config, "requirements", None) or ()),
+            requirements=tuple(wanted),
             project_root=_project_root(settings, self.config),
         )
         return str(await self._images.ensure(spec, step=step))

@@ -238,6 +238,7 @@ class S3ArtifactStore(FsspecArtifactStore):
     flavor = "s3"
     schemes = ("s3",)
     sdk = "s3fs"
+    image_requirements = ("s3fs",)
 
     def _options_from(self, config: Any) -> dict[str, Any]:
         opts = {k: getattr(config, k, None) for k in ("endpoint_url", "key", "secret", "profile")}
@@ -253,6 +254,7 @@ class GCSArtifactStore(FsspecArtifactStore):
     flavor = "gcs"
     schemes = ("gs", "gcs")
     sdk = "gcsfs"
+    image_requirements = ("gcsfs",)
 
     def _options_from(self, config: Any) -> dict[str, Any]:
         opts = {k: getattr(config, k, None) for k in ("project", "endpoint_url", "token")}
@@ -277,6 +279,7 @@ class AzureArtifactStore(FsspecArtifactStore):
     flavor = "azure"
     schemes = ("az", "abfs", "abfss")
     sdk = "adlfs"
+    image_requirements = ("adlfs",)
     bucket_word = "container"
 
     def _options_from(self, config: Any) -> dict[str, Any]:

@@ -14,6 +14,8 @@ class ArtifactStore(abc.ABC):
     is_remote: ClassVar[bool] = False
 
     name: str = ""
+    #: Distributions a job needs to reach this store (shipped in step images), e.g. ("s3fs",).
+    image_requirements: ClassVar[tuple[str, ...]] = ()
 
     @property
     @abc.abstractmethod
