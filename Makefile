@@ -16,10 +16,12 @@ test: env
 ## env: a virtualenv with stepflow (editable) and the development tools
 env: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml examples/plugin-subprocess/pyproject.toml plugins/stepflow-docker/pyproject.toml
+$(BIN)/.installed: pyproject.toml examples/plugin-subprocess/pyproject.toml plugins/stepflow-docker/pyproject.toml \
+		plugins/stepflow-sagemaker/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]' -e examples/plugin-subprocess -e plugins/stepflow-docker
+	$(BIN)/python -m pip install -q -e '.[dev]' -e examples/plugin-subprocess -e plugins/stepflow-docker \
+		-e plugins/stepflow-sagemaker
 	touch $@
 
 lint: env
@@ -27,7 +29,7 @@ lint: env
 	$(BIN)/mypy
 
 bench: env
-	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

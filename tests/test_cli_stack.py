@@ -211,8 +211,8 @@ def _with_op() -> None:
 @pytest.mark.parametrize(
     ("setup", "args", "messages"),
     [
-        (None, ["step-operator", "register", "x", "--type=sagemaker"],
-         ["unknown step-operator flavor 'sagemaker'; available: ", "local", "stepflow flavor list step-operator"]),
+        (None, ["step-operator", "register", "x", "--type=nonexistent"],
+         ["unknown step-operator flavor 'nonexistent'; available: ", "local", "stepflow flavor list step-operator"]),
         (None, ["container-registry", "register", "x", "--type=local"],
          ["unknown container-registry flavor 'local'; available: ", "default"]),
         (None, ["step-operator", "register", "x"], ["--type FLAVOR is required", "available: ", "local"]),

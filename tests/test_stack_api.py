@@ -47,8 +47,8 @@ def test_register_validate_update_delete_component() -> None:
         c.register_component("step_operator", "fast", "local")
     with pytest.raises(ConfigError, match=r"option 'max_threads' expects int, got 'many'.*Valid options: --max_threads \(int\), --max_concurrency"):
         c.register_component("step_operator", "x", "local", {"max_threads": "many"})
-    with pytest.raises(ConfigError, match=r"unknown step-operator flavor 'sagemaker'; available: (.*, )?local"):
-        c.register_component("step_operator", "x", "sagemaker")
+    with pytest.raises(ConfigError, match=r"unknown step-operator flavor 'nonexistent'; available: (.*, )?local"):
+        c.register_component("step_operator", "x", "nonexistent")
     with pytest.raises(ConfigError, match="invalid step-operator name"):
         c.register_component("step_operator", "bad name!", "local")
     updated = c.update_component("step_operator", "fast", {"max_concurrency": 2})

@@ -375,6 +375,10 @@ class Runner:
             res.reason = (str(exc) if isinstance(exc, JobStoppedError) else None) or self._stopping or "cancelled"
             self._unfinished -= 1
             self._emit(StepCancelled, node.name, res.reason)
+            if isinstance(exc, JobStoppedError) and self._stopping is None:
+                # The run goes on without this step: its descendants can never run (without
+                # this they stayed pending and the run never finished).
+                self._skip_descendants(i, f"upstream step '{node.name}' was cancelled")
             self._release(op)
             self._check_done()
             return
@@ -485,6 +489,9 @@ class Runner:
                 if task is not asyncio.current_task():
                     task.cancel()
             return
+        self._skip_descendants(i, reason)
+
+    def _skip_descendants(self, i: int, reason: str) -> None:
         # Skip every descendant: none of them can have started, all their results are None.
         stack = list(self.pipeline.children[i])
         while stack:

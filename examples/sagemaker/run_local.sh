@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Run examples/sagemaker/pipeline.py with `train` as a SageMaker training job, against the local
+# test backend: moto (S3, ECR, STS, CloudWatch Logs) and stepflow's local SageMaker control plane
+# (training jobs run as containers on this machine's Docker). One command; both servers are
+# started on free ports and stopped on exit, and the job containers are removed.
+#
+#   bash examples/sagemaker/run_local.sh [RUN OPTIONS...]
+#
+# Needs dockerd, a registry on 127.0.0.1:5000 and the stepflow-base:py3.11 image
+# (`bash scripts/services.sh`), and moto[server] + s3fs in the Python environment.
+# Environment: PYTHON (interpreter; default .venv/bin/python, else python3), STEPFLOW_HOME
+# (default: a new temporary directory, so your own ~/.stepflow is untouched), THROTTLE_RATE and
+# ERROR_RATE (fault injection of the SageMaker backend, e.g. 0.2 and 0.05, default 0).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3
+fi
+SF=("$PY" -m stepflow)
+WORK=$(mktemp -d -t stepflow-sagemaker-XXXXXX)
+export STEPFLOW_HOME=${STEPFLOW_HOME:-$WORK/home}
+BUCKET=stepflow-example
+REGION=us-east-1
+
+# -- prerequisites ----------------------------------------------------------------------------
+docker info >/dev/null 2>&1 || { echo "error: dockerd does not answer: run 'sudo bash scripts/services.sh'" >&2; exit 1; }
+docker image inspect stepflow-base:py3.11 >/dev/null 2>&1 \
+  || { echo "error: the stepflow-base:py3.11 image is missing: run 'sudo bash scripts/services.sh'" >&2; exit 1; }
+"$PY" -c "import moto.server, s3fs" 2>/dev/null \
+  || { echo "error: $PY needs moto's server and s3fs: $PY -m pip install 'moto[server]' 'stepflow[s3]'" >&2; exit 1; }
+if ! "$PY" -c "
+import sys
+from importlib.metadata import entry_points
+ops = {e.name for e in entry_points(group='stepflow.step_operators')}
+regs = {e.name for e in entry_points(group='stepflow.container_registries')}
+sys.exit(0 if 'sagemaker' in ops and 'ecr' in regs else 1)"; then
+    echo "installing the SageMaker plugin (editable): plugins/stepflow-docker, plugins/stepflow-sagemaker"
+    "$PY" -m pip install -q -e plugins/stepflow-docker -e plugins/stepflow-sagemaker
+fi
+
+# -- moto and the local SageMaker backend, stopped on exit ------------------------------------
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_http() {  # URL NAME PID LOG: until the server answers, or fail with its output
+    for _ in $(seq 1 300); do
+        if "$PY" -c "import sys, urllib.request as u, urllib.error as e
+try: u.urlopen(sys.argv[1], timeout=1)
+except e.HTTPError: pass
+except OSError: sys.exit(1)" "$1" 2>/dev/null; then return 0; fi
+        kill -0 "$3" 2>/dev/null || { echo "error: $2 exited:" >&2; tail -20 "$4" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "error: $2 did not answer on $1 within 30 s:" >&2; tail -20 "$4" >&2; exit 1
+}
+PIDS=()
+cleanup() {
+    # The backend first: on SIGTERM it stops its jobs and removes their containers.
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        kill -TERM "${PIDS[$i]}" 2>/dev/null || true
+        wait "${PIDS[$i]}" 2>/dev/null || true
+    done
+    echo "logs of moto and the SageMaker backend: $WORK"
+}
+trap cleanup EXIT
+
+MOTO_PORT=$(free_port)
+MOTO=http://127.0.0.1:$MOTO_PORT
+"$PY" -m moto.server -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+PIDS+=($!)
+wait_http "$MOTO" moto "${PIDS[-1]}" "$WORK/moto.log"
+
+SM_PORT=$(free_port)
+SAGEMAKER=http://127.0.0.1:$SM_PORT
+"$PY" -m stepflow_sagemaker.local_backend --host 127.0.0.1 --port "$SM_PORT" --logs-endpoint "$MOTO" \
+    --region "$REGION" --throttle-rate "${THROTTLE_RATE:-0}" --error-rate "${ERROR_RATE:-0}" \
+    >"$WORK/sagemaker.log" 2>&1 &
+PIDS+=($!)
+wait_http "$SAGEMAKER" "the local SageMaker backend" "${PIDS[-1]}" "$WORK/sagemaker.log"
+echo "moto on $MOTO, local SageMaker on $SAGEMAKER, STEPFLOW_HOME=$STEPFLOW_HOME"
+
+# Every AWS call of this process and its children goes to moto, never to real AWS.
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_SESSION_TOKEN=testing
+export AWS_DEFAULT_REGION=$REGION AWS_REGION=$REGION AWS_EC2_METADATA_DISABLED=true
+export AWS_ENDPOINT_URL=$MOTO AWS_ENDPOINT_URL_SAGEMAKER=$SAGEMAKER
+unset AWS_PROFILE
+
+"$PY" -c "
+import botocore.session
+s3 = botocore.session.get_session().create_client('s3', endpoint_url='$MOTO', region_name='$REGION')
+s3.create_bucket(Bucket='$BUCKET')"
+
+# -- the stack (registered, or updated when STEPFLOW_HOME already has it: the ports change) -----
+upsert() {  # KIND NAME [--type=FLAVOR] [--OPTION=VALUE]...
+    local kind=$1 name=$2 args=()
+    shift 2
+    if "${SF[@]}" "$kind" describe "$name" >/dev/null 2>&1; then
+        for a in "$@"; do [[ $a == --type=* ]] || args+=("$a"); done
+        "${SF[@]}" "$kind" update "$name" "${args[@]}"
+    else
+        "${SF[@]}" "$kind" register "$name" "$@"
+    fi
+}
+upsert artifact-store s3-store --type=s3 --path=s3://$BUCKET/artifacts --endpoint_url="$MOTO"
+upsert container-registry ecr_registry --type=ecr --uri=127.0.0.1:5000/ecr --endpoint_url="$MOTO" --region=$REGION
+upsert image-builder docker_builder --type=docker
+upsert step-operator sagemaker --type=sagemaker --role=arn:aws:iam::123456789012:role/SageMakerRole \
+    --instance_type=ml.m5.large --bucket_name=$BUCKET --experiment_name=demo --endpoint_url="$SAGEMAKER" \
+    --region=$REGION
+if "${SF[@]}" stack describe sagemaker_stack >/dev/null 2>&1; then
+    "${SF[@]}" stack update sagemaker_stack -c ecr_registry -a s3-store -i docker_builder -s sagemaker -s local
+else
+    "${SF[@]}" stack register sagemaker_stack -m local_metadata_store -o local_orchestrator -c ecr_registry \
+        -a s3-store -i docker_builder -s sagemaker -s local
+fi
+"${SF[@]}" stack set sagemaker_stack
+"${SF[@]}" run examples.sagemaker.pipeline:training "$@"
+echo "inspect the run: STEPFLOW_HOME=$STEPFLOW_HOME $PY -m stepflow runs list"

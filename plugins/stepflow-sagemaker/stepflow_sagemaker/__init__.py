@@ -1,0 +1,1 @@
+"""stepflow-sagemaker: a SageMaker step operator and an ECR container registry for stepflow."""

@@ -1,0 +1,79 @@
+"""``python -m stepflow_sagemaker.local_backend``: serve the local SageMaker backend until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from .server import LocalSageMaker
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a rate is between 0 and 1, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see ``--help``)."""
+    p = argparse.ArgumentParser(prog="python -m stepflow_sagemaker.local_backend",
+                                description="A local SageMaker training-job service running jobs on Docker.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on start)")
+    p.add_argument("--logs-endpoint", default=None,
+                   help="CloudWatch Logs endpoint (moto's URL) that receives the jobs' output")
+    p.add_argument("--aws-endpoint", default=None,
+                   help="AWS_ENDPOINT_URL given to containers (default: --logs-endpoint)")
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--account-id", default="123456789012")
+    p.add_argument("--throttle-rate", type=_rate, default=0.0, help="fraction answered ThrottlingException")
+    p.add_argument("--error-rate", type=_rate, default=0.0, help="fraction answered HTTP 500/503")
+    p.add_argument("--seed", type=int, default=None, help="seed of the fault-injection RNG")
+    p.add_argument("--network", default="host", help="Docker network mode of the job containers")
+    p.add_argument("--docker-url", default=None, help="Docker daemon (default: DOCKER_HOST or the local socket)")
+    p.add_argument("--stop-grace", type=float, default=2.0, help="seconds from SIGTERM to SIGKILL on stop")
+    p.add_argument("--phase-delay", type=float, default=0.0,
+                   help="seconds spent in Starting and Uploading, so pollers see them")
+    p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for every job container (repeatable)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Run until SIGINT/SIGTERM, then stop every job and remove its container."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with LocalSageMaker(host=args.host, port=args.port, logs_endpoint=args.logs_endpoint,
+                              aws_endpoint=args.aws_endpoint, region=args.region, account_id=args.account_id,
+                              throttle_rate=args.throttle_rate, error_rate=args.error_rate, seed=args.seed,
+                              network=args.network, docker_url=args.docker_url, stop_grace=args.stop_grace,
+                              phase_delay=args.phase_delay, container_env=dict(args.env)) as backend:
+        print(f"local SageMaker listening on {backend.url}", flush=True)
+        await stop.wait()
+        print("stopping jobs and removing their containers", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""The local SageMaker backend, wire-level: real Docker, a real moto server, real AWS clients.
+
+Every call goes through botocore (boto3) or aiobotocore against the backend's ``endpoint_url``,
+so these tests also prove both clients parse every answer. Job containers run
+``stepflow-base:py3.11`` with ``python3 -c``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from tests import docker_env
+from tests.conftest import ROOT
+from tests.services import aws_env, moto_server, run_service  # noqa: F401 (moto_server is a fixture)
+
+try:
+    from stepflow_sagemaker.local_backend import BackgroundLocalSageMaker, LocalSageMaker, serve_in_thread
+except ImportError:  # the plugin is not installed (yet): use it from the source tree
+    sys.path.insert(0, str(ROOT / "plugins" / "stepflow-sagemaker"))
+    from stepflow_sagemaker.local_backend import BackgroundLocalSageMaker, LocalSageMaker, serve_in_thread
+
+docker_test = docker_env.docker_test
+REGION = "us-east-1"
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+GROUP = "/aws/sagemaker/TrainingJobs"
+CREDS = {"region_name": REGION, "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+TERMINAL = {"Completed", "Failed", "Stopped"}
+
+
+# -- fixtures and helpers --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def backend(moto_server: str) -> Iterator[BackgroundLocalSageMaker]:  # noqa: F811
+    """One backend for the module, on its own loop in a thread; faults reset after each test."""
+    docker_env.require_docker()
+    with serve_in_thread(logs_endpoint=moto_server, stop_grace=1.0, seed=7) as sm:
+        yield sm
+        assert sm.stats()["active"] == 0, "a test left a job running"
+    assert not _containers(f"stepflow.fake-sagemaker.instance={sm.backend.instance_id}")  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def sm(backend: BackgroundLocalSageMaker) -> Iterator[Any]:
+    """A boto3 SageMaker client of the backend."""
+    yield boto3.client("sagemaker", endpoint_url=backend.url, **CREDS)
+    backend.configure(throttle_rate=0.0, error_rate=0.0)
+
+
+@pytest.fixture
+def logs(moto_server: str) -> Any:  # noqa: F811
+    return boto3.client("logs", endpoint_url=moto_server, **CREDS)
+
+
+@pytest.fixture
+def uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def request(name: str, code: str = "pass", **overrides: Any) -> dict[str, Any]:
+    """A valid CreateTrainingJob request running ``python3 -c code``.
+
+    Entrypoint items are limited to 256 characters: longer code goes through the environment.
+    """
+    inline = len(code) <= 256
+    env = {} if inline else {"JOB_CODE": code}
+    env.update(overrides.pop("Environment", {}))
+    req: dict[str, Any] = {
+        "TrainingJobName": name, "RoleArn": ROLE,
+        "AlgorithmSpecification": {"TrainingImage": docker_env.BASE_IMAGE, "TrainingInputMode": "File",
+                                   "ContainerEntrypoint": ["python3", "-u", "-c", code if inline else
+                                                           "import os; exec(os.environ['JOB_CODE'])"]},
+        "OutputDataConfig": {"S3OutputPath": "s3://stepflow-test/out"},
+        "ResourceConfig": {"InstanceType": "ml.m5.large", "InstanceCount": 1, "VolumeSizeInGB": 5},
+        "StoppingCondition": {"MaxRuntimeInSeconds": 120},
+    }
+    if env:
+        req["Environment"] = env
+    req.update(overrides)
+    return req
+
+
+def wait_status(sm: Any, name: str, wanted: set[str] = TERMINAL, timeout: float = 30.0,
+                secondary: str | None = None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        d = sm.describe_training_job(TrainingJobName=name)
+        if d["TrainingJobStatus"] in wanted and (secondary is None or d["SecondaryStatus"] == secondary):
+            return d
+        assert time.monotonic() < deadline, f"{name} still {d['TrainingJobStatus']}/{d['SecondaryStatus']}"
+        time.sleep(0.1)
+
+
+def _containers(label: str) -> list[str]:
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={label}"], capture_output=True, text=True,
+                         timeout=30, check=True)
+    return out.stdout.split()
+
+
+def job_containers(name: str) -> list[str]:
+    return _containers(f"stepflow.fake-sagemaker={name}")
+
+
+def log_lines(logs: Any, name: str) -> list[str]:
+    streams = logs.describe_log_streams(logGroupName=GROUP, logStreamNamePrefix=f"{name}/")["logStreams"]
+    lines = []
+    for stream in streams:
+        events = logs.get_log_events(logGroupName=GROUP, logStreamName=stream["logStreamName"],
+                                     startFromHead=True)["events"]
+        lines += [e["message"] for e in events]
+    return lines
+
+
+def code_of(exc: pytest.ExceptionInfo[ClientError]) -> str:
+    return str(exc.value.response["Error"]["Code"])
+
+
+# -- the job lifecycle -----------------------------------------------------------------------
+TRAIN = """
+import json, os, time
+e = os.environ
+print("NAME=" + e["TRAINING_JOB_NAME"])
+print("ARN=" + e["TRAINING_JOB_ARN"])
+print("ENDPOINT=" + e["AWS_ENDPOINT_URL"] + " KEY=" + e["AWS_ACCESS_KEY_ID"])
+print("REGION=" + e["AWS_REGION"] + " HOST=" + e["SM_CURRENT_HOST"] + " LR=" + e["LR"])
+print("HPS=" + json.dumps(json.load(open("/opt/ml/input/config/hyperparameters.json"))))
+for i in range(8):
+    print(f"epoch {i}")
+    time.sleep(0.4)
+print("done", end="")
+"""
+
+
+@docker_test
+async def test_aiobotocore_runs_a_job_through_every_status_with_logs_in_cloudwatch(
+        backend: BackgroundLocalSageMaker, logs: Any, moto_server: str, uid: str) -> None:  # noqa: F811
+    from aiobotocore.session import get_session
+
+    name = f"t-{uid}-ok"
+    async with get_session().create_client("sagemaker", endpoint_url=backend.url, **CREDS) as client:
+        created = await client.create_training_job(**request(
+            name, TRAIN, Environment={"LR": "0.1"}, HyperParameters={"epochs": "8"},
+            Tags=[{"Key": "team", "Value": "ml"}]))
+        arn = created["TrainingJobArn"]
+        assert arn == f"arn:aws:sagemaker:{REGION}:123456789012:training-job/{name}"
+        seen: set[tuple[str, str]] = set()
+        lines_while_running: list[str] = []
+        while True:
+            d = await client.describe_training_job(TrainingJobName=name)
+            seen.add((d["TrainingJobStatus"], d["SecondaryStatus"]))
+            if d["SecondaryStatus"] == "Training" and not lines_while_running:
+                lines_while_running = await asyncio.to_thread(log_lines, logs, name)
+            if d["TrainingJobStatus"] in TERMINAL:
+                break
+            await asyncio.sleep(0.15)
+        assert ("InProgress", "Training") in seen
+        assert lines_while_running, "no output reached CloudWatch while the job ran"
+        assert d["TrainingJobStatus"] == "Completed", d.get("FailureReason")
+        assert [t["Status"] for t in d["SecondaryStatusTransitions"]] == [
+            "Starting", "Downloading", "Training", "Uploading", "Completed"]
+        assert all(t["StartTime"] <= t["EndTime"] for t in d["SecondaryStatusTransitions"])
+        assert d["CreationTime"] <= d["TrainingStartTime"] < d["TrainingEndTime"]
+        assert d["TrainingTimeInSeconds"] >= 3
+        # The request's configuration is echoed back.
+        assert d["Environment"] == {"JOB_CODE": TRAIN, "LR": "0.1"} and d["HyperParameters"] == {"epochs": "8"}
+        assert d["ResourceConfig"]["InstanceType"] == "ml.m5.large" and d["RoleArn"] == ROLE
+        assert d["ModelArtifacts"]["S3ModelArtifacts"] == f"s3://stepflow-test/out/{name}/output/model.tar.gz"
+
+        listed = await client.list_training_jobs(NameContains=uid)
+        assert [s["TrainingJobName"] for s in listed["TrainingJobSummaries"]] == [name]
+        assert listed["TrainingJobSummaries"][0]["TrainingJobStatus"] == "Completed"
+        await client.add_tags(ResourceArn=arn, Tags=[{"Key": "run", "Value": "r1"}])
+        tags = (await client.list_tags(ResourceArn=arn))["Tags"]
+        assert {t["Key"]: t["Value"] for t in tags} == {"team": "ml", "run": "r1"}
+        with pytest.raises(ClientError) as stop_done:
+            await client.stop_training_job(TrainingJobName=name)
+        assert "in status Completed" in str(stop_done.value)
+        with pytest.raises(ClientError) as missing:
+            await client.describe_training_job(TrainingJobName=f"t-{uid}-missing")
+        assert code_of(missing) == "ValidationException"  # as the real service answers
+        assert "Requested resource not found" in str(missing.value)
+
+    lines = log_lines(logs, name)
+    stream = logs.describe_log_streams(logGroupName=GROUP, logStreamNamePrefix=f"{name}/")["logStreams"]
+    assert re.fullmatch(rf"{name}/algo-1-\d{{10}}", stream[0]["logStreamName"])
+    assert lines[-9:] == [*(f"epoch {i}" for i in range(8)), "done"]  # even a last line without newline
+    assert f"NAME={name}" in lines and f"ARN={arn}" in lines
+    assert f"ENDPOINT={moto_server} KEY=testing" in lines
+    assert f"REGION={REGION} HOST=algo-1 LR=0.1" in lines
+    assert 'HPS={"epochs": "8"}' in lines
+    assert not job_containers(name), "the finished job's container was not removed"
+
+
+@docker_test
+def test_a_failing_container_fails_the_job_with_exit_code_and_last_stderr_line(sm: Any, logs: Any, uid: str) -> None:
+    name = f"t-{uid}-fail"
+    code = ("import sys\nprint('loading data')\nprint('warming up', file=sys.stderr)\n"
+            "print('ValueError: the loss is NaN', file=sys.stderr)\nsys.exit(3)")
+    sm.create_training_job(**request(name, code))
+    d = wait_status(sm, name)
+    assert (d["TrainingJobStatus"], d["SecondaryStatus"]) == ("Failed", "Failed")
+    reason = d["FailureReason"]
+    assert reason.startswith("AlgorithmError: ") and reason.endswith("exit code: 3"), reason
+    assert "ValueError: the loss is NaN" in reason
+    assert d["SecondaryStatusTransitions"][-1]["StatusMessage"].startswith("Training job failed.")
+    assert "loading data" in log_lines(logs, name)
+    assert not job_containers(name)
+
+
+@docker_test
+def test_stop_reaches_stopped_within_5s_and_removes_the_container(sm: Any, uid: str) -> None:
+    name = f"t-{uid}-stop"
+    sm.create_training_job(**request(name, "import time\nprint('ready')\ntime.sleep(120)"))
+    wait_status(sm, name, {"InProgress"}, secondary="Training")
+    assert job_containers(name)
+    t0 = time.monotonic()
+    sm.stop_training_job(TrainingJobName=name)
+    assert sm.describe_training_job(TrainingJobName=name)["TrainingJobStatus"] in ("Stopping", "Stopped")
+    d = wait_status(sm, name, timeout=5.0)
+    assert time.monotonic() - t0 < 5.0
+    assert (d["TrainingJobStatus"], d["SecondaryStatus"]) == ("Stopped", "Stopped")
+    assert [t["Status"] for t in d["SecondaryStatusTransitions"]][-2:] == ["Stopping", "Stopped"]
+    assert "FailureReason" not in d
+    assert not job_containers(name)
+    with pytest.raises(ClientError) as again:
+        sm.stop_training_job(TrainingJobName=name)
+    assert code_of(again) == "ValidationException"
+
+
+@docker_test
+def test_max_runtime_exceeded_stops_the_job(sm: Any, uid: str) -> None:
+    name = f"t-{uid}-slow"
+    sm.create_training_job(**request(name, "import time\ntime.sleep(120)",
+                                     StoppingCondition={"MaxRuntimeInSeconds": 2}))
+    d = wait_status(sm, name, timeout=15.0)
+    assert (d["TrainingJobStatus"], d["SecondaryStatus"]) == ("Stopped", "MaxRuntimeExceeded")
+    assert "Training" in [t["Status"] for t in d["SecondaryStatusTransitions"]]
+    assert not job_containers(name)
+
+
+@docker_test
+def test_an_image_missing_locally_is_pulled_and_an_unknown_one_fails_the_job(sm: Any, uid: str) -> None:
+    pushed = f"{docker_env.REGISTRY}/t-{uid}-sm/base:py3.11"
+    try:
+        for cmd in (["tag", docker_env.BASE_IMAGE, pushed], ["push", pushed], ["rmi", pushed]):
+            subprocess.run(["docker", *cmd], capture_output=True, timeout=120, check=True)
+        sm.create_training_job(**request(f"t-{uid}-pull",
+                                         AlgorithmSpecification={"TrainingImage": pushed, "TrainingInputMode": "File",
+                                                                 "ContainerEntrypoint": ["python3", "-c", "pass"]}))
+        missing = f"{docker_env.REGISTRY}/t-{uid}-sm/nothing:1"
+        sm.create_training_job(**request(f"t-{uid}-nopull", AlgorithmSpecification={
+            "TrainingImage": missing, "TrainingInputMode": "File"}))
+        assert wait_status(sm, f"t-{uid}-pull", timeout=60)["TrainingJobStatus"] == "Completed"
+        failed = wait_status(sm, f"t-{uid}-nopull", timeout=60)
+        assert failed["TrainingJobStatus"] == "Failed"
+        assert failed["FailureReason"].startswith(f"ClientError: Unable to pull the training image '{missing}'")
+    finally:
+        docker_env.remove_local_images(f"{docker_env.REGISTRY}/t-{uid}-sm/")
+
+
+@docker_test
+def test_a_duplicate_name_is_resource_in_use_and_creates_nothing(sm: Any, backend: BackgroundLocalSageMaker,
+                                                                 uid: str) -> None:
+    name = f"t-{uid}-dup"
+    arn = sm.create_training_job(**request(name))["TrainingJobArn"]
+    with pytest.raises(ClientError) as dup:
+        sm.create_training_job(**request(name.upper()))  # names are unique regardless of case
+    assert code_of(dup) == "ResourceInUse"
+    assert "Training job names must be unique within an AWS account and region" in str(dup.value)
+    assert arn in str(dup.value)
+    assert backend.stats()["created"][name] == 1
+    wait_status(sm, name)
+
+
+BIG = "x" * 513
+INVALID: dict[str, tuple[dict[str, Any], str]] = {
+    "bad name": ({"TrainingJobName": "bad_name!"}, "trainingJobName"),
+    "name too long": ({"TrainingJobName": "a" * 64}, "trainingJobName"),
+    "missing RoleArn": ({"RoleArn": None}, "roleArn"),
+    "RoleArn not an ARN": ({"RoleArn": "SageMakerRole-is-not-an-arn"}, "roleArn"),
+    "bad instance type": ({"ResourceConfig": {"InstanceType": "ml.fake.huge", "InstanceCount": 1,
+                                              "VolumeSizeInGB": 5}}, "resourceConfig.instanceType"),
+    "no instances": ({"ResourceConfig": {"InstanceType": "ml.m5.large", "InstanceCount": 0,
+                                         "VolumeSizeInGB": 5}}, "resourceConfig.instanceCount"),
+    "spot without MaxWait": ({"EnableManagedSpotTraining": True}, "MaxWaitTimeInSeconds"),
+    "spot MaxWait < MaxRuntime": ({"EnableManagedSpotTraining": True, "StoppingCondition": {
+        "MaxRuntimeInSeconds": 600, "MaxWaitTimeInSeconds": 60}}, "MaxWaitTimeInSeconds"),
+    "env value over 512": ({"Environment": {"BIG": BIG}}, "environment.BIG"),
+    "101 env entries": ({"Environment": {f"K{i}": "v" for i in range(101)}}, "environment"),
+    "no image": ({"AlgorithmSpecification": {"TrainingInputMode": "File"}}, "TrainingImage"),
+    "bad input mode": ({"AlgorithmSpecification": {"TrainingImage": "img", "TrainingInputMode": "Stream"}},
+                       "algorithmSpecification.trainingInputMode"),
+    "output not s3": ({"OutputDataConfig": {"S3OutputPath": "/tmp/out"}}, "outputDataConfig.s3OutputPath"),
+}
+
+
+@docker_test
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_requests_are_validation_exceptions_naming_the_field(
+        case: str, backend: BackgroundLocalSageMaker, uid: str) -> None:
+    overrides, field = INVALID[case]
+    # Client-side validation off, so the server's own checks answer (as for a client that skips them).
+    sm = boto3.client("sagemaker", endpoint_url=backend.url, config=Config(parameter_validation=False), **CREDS)
+    req = request(f"t-{uid}-invalid", **overrides)
+    req = {k: v for k, v in req.items() if v is not None}
+    with pytest.raises(ClientError) as err:
+        sm.create_training_job(**req)
+    assert code_of(err) == "ValidationException"
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert field in err.value.response["Error"]["Message"], err.value.response["Error"]["Message"]
+    assert not any(uid in n for n in backend.stats()["created"])
+
+
+@docker_test
+def test_list_training_jobs_filters_sorts_and_paginates(sm: Any, uid: str) -> None:
+    names = [f"t-{uid}-list-{i}" for i in range(5)]
+    for name in names:
+        sm.create_training_job(**request(name))
+        time.sleep(0.01)  # distinct creation times
+    sm.create_training_job(**request(f"t-{uid}-other"))
+    pages = list(sm.get_paginator("list_training_jobs").paginate(NameContains=f"{uid}-list",
+                                                                 PaginationConfig={"PageSize": 2}))
+    assert [len(p["TrainingJobSummaries"]) for p in pages] == [2, 2, 1]
+    listed = [s["TrainingJobName"] for p in pages for s in p["TrainingJobSummaries"]]
+    assert listed == names[::-1]  # newest first by default
+    by_name = sm.list_training_jobs(NameContains=uid, SortBy="Name", SortOrder="Ascending", MaxResults=100)
+    assert [s["TrainingJobName"] for s in by_name["TrainingJobSummaries"]] == sorted([*names, f"t-{uid}-other"])
+    assert "NextToken" not in by_name
+    first = sm.describe_training_job(TrainingJobName=names[0])["CreationTime"]
+    window = sm.list_training_jobs(NameContains=f"{uid}-list", CreationTimeAfter=first - dt.timedelta(minutes=1),
+                                   CreationTimeBefore=first + dt.timedelta(minutes=1))["TrainingJobSummaries"]
+    assert sorted(s["TrainingJobName"] for s in window) == names
+    assert sm.list_training_jobs(NameContains=uid, CreationTimeAfter=first + dt.timedelta(minutes=1)
+                                 )["TrainingJobSummaries"] == []
+    for name in [*names, f"t-{uid}-other"]:
+        wait_status(sm, name)
+    done = sm.list_training_jobs(NameContains=uid, StatusEquals="Completed", MaxResults=100)
+    assert len(done["TrainingJobSummaries"]) == 6
+    assert sm.list_training_jobs(NameContains=uid, StatusEquals="Failed")["TrainingJobSummaries"] == []
+
+
+# -- fault injection and load ------------------------------------------------------------------
+def _fake(backend: BackgroundLocalSageMaker, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{backend.url}/_fake/{path}", data=data), timeout=10) as r:
+        return dict(json.loads(r.read()))
+
+
+@docker_test
+def test_throttling_everything_reaches_the_client_and_creates_nothing(sm: Any, backend: BackgroundLocalSageMaker,
+                                                                       uid: str) -> None:
+    name = f"t-{uid}-throttled"
+    before = _fake(backend, "stats")
+    assert _fake(backend, "config", {"throttle_rate": 1.0})["throttle_rate"] == 1.0
+    client = boto3.client("sagemaker", endpoint_url=backend.url,
+                          config=Config(retries={"mode": "standard", "total_max_attempts": 3}), **CREDS)
+    with pytest.raises(ClientError) as err:
+        client.create_training_job(**request(name))
+    assert code_of(err) == "ThrottlingException" and "Rate exceeded" in str(err.value)
+    assert err.value.response["ResponseMetadata"]["RetryAttempts"] == 2  # the client did retry
+    stats = _fake(backend, "stats")
+    assert stats["throttled"] - before["throttled"] == 3
+    assert stats["calls"]["CreateTrainingJob"] - before["calls"].get("CreateTrainingJob", 0) == 3
+    assert name not in stats["created"]
+    backend.configure(throttle_rate=0.0)
+    with pytest.raises(ClientError) as missing:
+        sm.describe_training_job(TrainingJobName=name)
+    assert "Requested resource not found" in str(missing.value)
+
+
+@docker_test
+async def test_twenty_jobs_at_once_complete_under_throttling_and_5xx_each_created_once(
+        backend: BackgroundLocalSageMaker, uid: str) -> None:
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    backend.configure(throttle_rate=0.15, error_rate=0.1, seed=11)
+    names = [f"t-{uid}-load-{i}" for i in range(20)]
+    config = AioConfig(retries={"mode": "standard", "total_max_attempts": 12}, max_pool_connections=30)
+    try:
+        async with get_session().create_client("sagemaker", endpoint_url=backend.url, config=config,
+                                               **CREDS) as client:
+            async def one(name: str) -> dict[str, Any]:
+                await client.create_training_job(**request(name, "import time\nprint('hi')\ntime.sleep(1)"))
+                while True:
+                    d = await client.describe_training_job(TrainingJobName=name)
+                    if d["TrainingJobStatus"] in TERMINAL:
+                        return dict(d)
+                    await asyncio.sleep(0.5)
+
+            t0 = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*(one(n) for n in names)), 60)
+            elapsed = time.monotonic() - t0
+    finally:
+        stats = backend.stats()
+        backend.configure(throttle_rate=0.0, error_rate=0.0)
+    assert [r["TrainingJobStatus"] for r in results] == ["Completed"] * 20, [r.get("FailureReason") for r in results]
+    assert all(stats["created"][n] == 1 for n in names)  # retried creates never made a second job
+    assert stats["throttled"] > 0 and stats["errors"] > 0
+    assert elapsed < 45, f"20 one-second jobs took {elapsed:.1f} s: they did not run concurrently"
+
+
+# -- the server's own lifecycle ---------------------------------------------------------------
+@docker_test
+async def test_closing_the_server_stops_and_removes_every_container(moto_server: str, uid: str) -> None:  # noqa: F811
+    from aiobotocore.session import get_session
+
+    async with LocalSageMaker(logs_endpoint=moto_server, stop_grace=1.0) as server:
+        async with get_session().create_client("sagemaker", endpoint_url=server.url, **CREDS) as client:
+            for i in range(2):
+                await client.create_training_job(**request(f"t-{uid}-bye-{i}", "import time\ntime.sleep(120)"))
+            while not all(j.secondary == "Training" for j in server.jobs.values()):
+                await asyncio.sleep(0.1)
+        label = f"stepflow.fake-sagemaker.instance={server.instance_id}"
+        assert len(await asyncio.to_thread(_containers, label)) == 2
+    assert await asyncio.to_thread(_containers, label) == []
+    assert {j.status for j in server.jobs.values()} == {"Stopped"}
+
+
+@docker_test
+def test_the_command_line_serves_the_api(moto_server: str, backend: BackgroundLocalSageMaker) -> None:  # noqa: F811
+    env = {**os.environ, **aws_env(moto_server), "PYTHONPATH": str(ROOT / "plugins" / "stepflow-sagemaker")}
+    argv = lambda port: [sys.executable, "-m", "stepflow_sagemaker.local_backend", "--port", str(port),  # noqa: E731
+                         "--logs-endpoint", moto_server, "--throttle-rate", "0.5", "--seed", "1"]
+    with run_service("local-sagemaker", argv, url=lambda port: f"http://127.0.0.1:{port}", env=env) as service:
+        client = boto3.client("sagemaker", endpoint_url=service.url, **CREDS)
+        assert client.list_training_jobs()["TrainingJobSummaries"] == []  # retried through the throttling
+        with urllib.request.urlopen(f"{service.url}/_fake/stats", timeout=10) as r:
+            stats = json.loads(r.read())
+        assert stats["throttle_rate"] == 0.5 and stats["calls"]["ListTrainingJobs"] >= 1
+        assert "local SageMaker listening on" in service.log.read_text()
