@@ -239,8 +239,8 @@ def main() -> int:
             return "-" if v is None else (f"{v:.4f}" if v < 100 else f"{v:.0f}")
         verdict = "" if r["ok"] is None else ("ok" if r["ok"] else "MISSED")
         budget = r["budget"]
-        btxt = "" if budget is None else (f"<= {budget:g}x" if "B/step" not in r["workload"]
-                                          and "s)" not in r["workload"] else f"<= {budget:g}")
+        absolute = "B/step" in r["workload"] or r["workload"].endswith(("(wall s)", "(s)"))
+        btxt = "" if budget is None else (f"<= {budget:g}" if absolute else f"<= {budget:g}x")
         print(f"{r['workload']:32} {f(r['stepflow_min_s']):>13} {f(r['stepflow_median_s']):>10} "
               f"{f(r['floor_min_s']):>11} {f(r['floor_median_s']):>10} "
               f"{'-' if r['ratio'] is None else format(r['ratio'], '.2f'):>7}  {btxt} {verdict}")

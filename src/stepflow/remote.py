@@ -209,6 +209,8 @@ class RemoteJobOperator(StepOperator):
     stop_timeout: float = 30.0
     #: How concurrent ``status_many``'s default fan-out may be.
     status_concurrency: int = 16
+    #: Attempts at submitting a job when the backend throttles or fails transiently.
+    max_submit_attempts: int = 8
 
     def __init__(self, name: str, config: Any) -> None:
         self.name = name
@@ -240,7 +242,8 @@ class RemoteJobOperator(StepOperator):
 
         async def one(job_id: str) -> None:
             async with limiter:
-                out[job_id] = await self.status(job_id)
+                with contextlib.suppress(TransientBackendError):  # throttled: polled again next round
+                    out[job_id] = await self.status(job_id)
 
         async with anyio.create_task_group() as tg:
             for job_id in job_ids:
@@ -362,8 +365,7 @@ class RemoteJobOperator(StepOperator):
             job_id = await self.find(spec)
         if job_id is None:
             await store.write_bytes(payload_uri, await self._payload(invocation, key, store, base))
-            job_id = await self.submit(spec)
-            self.submissions += 1
+            job_id = await self._submit_with_retries(spec)
         if res.run_store is not None and recorded is None:
             await anyio.to_thread.run_sync(res.run_store.record_job, invocation.run_id, invocation.step,
                                            invocation.attempt, self.name, name, job_id, payload_uri)
@@ -395,6 +397,31 @@ class RemoteJobOperator(StepOperator):
             raise JobStoppedError(f"job {name} was stopped on its backend outside stepflow "
                                   f"({state.detail or state.status})")
         return await self._read_output(store, output_uri, key, name, state)
+
+    async def _submit_with_retries(self, spec: JobSpec) -> str:
+        """Submit, retrying throttling and transient errors with jittered backoff.
+
+        A failed submit may still have created the job, so each retry first looks it up by its
+        deterministic name: a job is never created twice.
+        """
+        delay = 0.5
+        for attempt in range(1, self.max_submit_attempts + 1):
+            try:
+                job_id = await self.submit(spec)
+                self.submissions += 1
+                return job_id
+            except TransientBackendError:
+                if attempt == self.max_submit_attempts:
+                    raise
+            await anyio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 10.0)
+            try:
+                existing = await self.find(spec)
+            except TransientBackendError:
+                existing = None
+            if existing is not None:
+                return existing
+        raise BackendError(f"could not submit job {spec.name}")  # unreachable
 
     async def _payload(self, inv: Invocation, key: bytes, store: ArtifactStore, base: str) -> bytes:
         from stepflow._remote import payload as envelope
