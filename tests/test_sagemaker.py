@@ -531,7 +531,8 @@ async def test_bad_step_settings_fail_before_anything_runs(sm_stack: dict[str, A
 def test_pick_instance_takes_the_cheapest_fit() -> None:
     from stepflow_sagemaker.instances import pick_instance, resolve_instance_type
 
-    assert pick_instance(cpu=2).name == "ml.m5.large"
+    assert pick_instance(cpu=2).name == "ml.c7i.large"  # 2 vCPU, 4 GiB: the cheapest 2-vCPU type
+    assert pick_instance(cpu=2, memory="8g").name == "ml.m5.large"
     assert pick_instance(cpu=4, memory="8g").name == "ml.c5.xlarge"
     assert pick_instance(memory="100g").name == "ml.r5.4xlarge"
     assert pick_instance(gpu=1).name == "ml.g4dn.xlarge"
