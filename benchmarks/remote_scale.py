@@ -67,8 +67,11 @@ class FakeBackend:
     """A job service over HTTP, run in its own thread and event loop."""
 
     def __init__(self, *, latency: tuple[float, float] = (0.020, 0.050), duration: tuple[float, float] = (2.0, 10.0),
-                 throttle: float = 0.0, seed: int = 0) -> None:
+                 throttle: float = 0.0, seed: int = 0, deny_status_after: float | None = None) -> None:
         self.latency = latency
+        #: seconds after start when status calls start answering 403 (credentials expired mid-run)
+        self.deny_status_after = deny_status_after
+        self.started = time.monotonic()
         self.duration = duration
         self.throttle = throttle
         self.rng = random.Random(seed)
@@ -138,6 +141,9 @@ class FakeBackend:
         if throttled:
             self.throttled[endpoint] += 1
             return web.json_response({"error": "ThrottlingException: rate exceeded"}, status=429)
+        if (self.deny_status_after is not None and endpoint in ("GET /jobs?ids", "GET /jobs/{id}")
+                and time.monotonic() - self.started > self.deny_status_after):
+            return web.json_response({"error": "ExpiredTokenException: the security token has expired"}, status=403)
         return await handler(request)  # type: ignore[no-any-return]
 
     def _state(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -297,8 +303,8 @@ def fleet(n: int) -> None:
 
 
 async def bench(jobs: int, batch_status: bool, throttle: float, seed: int,
-                duration: tuple[float, float] = (2.0, 10.0)) -> dict[str, Any]:
-    backend = FakeBackend(throttle=throttle, seed=seed, duration=duration)
+                duration: tuple[float, float] = (2.0, 10.0), deny_status_after: float | None = None) -> dict[str, Any]:
+    backend = FakeBackend(throttle=throttle, seed=seed, duration=duration, deny_status_after=deny_status_after)
     url = backend.start()
     op = FakeOperator("fake", url, batch_status=batch_status)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -314,7 +320,7 @@ async def bench(jobs: int, batch_status: bool, throttle: float, seed: int,
     status_requests = backend.requests["GET /jobs?ids"] + backend.requests["GET /jobs/{id}"]
     orchestration = cpu_total - backend.cpu_seconds
     return {
-        "jobs": jobs, "job_seconds": list(duration), "status_mode": "batch" if batch_status else "per-job", "throttle": throttle,
+        "jobs": jobs, "job_seconds": list(duration), "deny_status_after": deny_status_after, "status_mode": "batch" if batch_status else "per-job", "throttle": throttle,
         "run_status": result.status, "succeeded": counts.get("succeeded", 0),
         "failed": counts.get("failed", 0), "step_errors": dict(errors.most_common(3)),
         "wall_s": wall, "cpu_process_s": cpu_total, "cpu_backend_s": backend.cpu_seconds,
@@ -335,10 +341,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-duration", type=float, default=2.0, help="shortest job run time, seconds")
     ap.add_argument("--max-duration", type=float, default=10.0, help="longest job run time, seconds")
+    ap.add_argument("--deny-status-after", type=float, default=None, metavar="SECONDS",
+                    help="fault injection: status calls answer 403 (expired credentials) after SECONDS; every job "
+                         "then fails, and what that failure costs is measured")
     a = ap.parse_args()
     if not os.environ.get("STEPFLOW_HOME"):  # never touch the user's store
         os.environ["STEPFLOW_HOME"] = tempfile.mkdtemp(prefix="stepflow-bench-")
-    out = asyncio.run(bench(a.jobs, a.status == "batch", a.throttle, a.seed, (a.min_duration, a.max_duration)))
+    out = asyncio.run(bench(a.jobs, a.status == "batch", a.throttle, a.seed, (a.min_duration, a.max_duration),
+                          a.deny_status_after))
     out["stepflow"] = stepflow.__version__
     out["python"] = sys.version.split()[0]
     sys.stdout.write("BENCH-RESULT " + json.dumps(out) + "\n")
