@@ -330,10 +330,6 @@ async def test_the_seed_walkthrough_end_to_end(env: dict[str, str], sagemaker: A
         # `stepflow logs RUN STEP` has the job's output
         logs = cli(["logs", result.run_id, "train"], environ, project, timeout=60)
         assert logs.returncode == 0 and "training on 4 rows, lr=2.0" in logs.stdout and "training done" in logs.stdout
-        # an unchanged second run builds and pushes nothing
-        again, events = await run_with_events(pipes().walkthrough(lr=2.0))
-        assert again.status == "succeeded"
-        assert not [e for e in events if isinstance(e, ImagePushed)]
     finally:
         remove_local_images(f"{REGISTRY}/{prefix}/")
 
@@ -405,6 +401,7 @@ async def test_cancelling_the_run_stops_every_training_job(sm_stack: dict[str, A
     stopped_in = time.monotonic() - t0
     assert all_stopped()
     assert stopped_in <= 5.0, f"the jobs took {stopped_in:.1f} s to reach Stopped"
+    print(f"\n4 in-flight training jobs reached Stopped {stopped_in:.1f} s after the run was cancelled")
     assert stats(backend)["calls"]["StopTrainingJob"] - before >= 4
     assert len([e for e in seen if isinstance(e, StepCancelled)]) == 4
 
@@ -440,7 +437,7 @@ async def test_a_job_stopped_outside_stepflow_cancels_its_step(sm_stack: dict[st
 def test_sigkill_then_resume_creates_no_training_job_twice(sm_stack: dict[str, Any]) -> None:
     backend, project = sm_stack["backend"], sm_stack["project"]
     environ = cli_env(project)
-    runner = subprocess.Popen([sys.executable, "-m", "stepflow", "run", f"{MODULE}:sleepy", "-p", "seconds=10",
+    runner = subprocess.Popen([sys.executable, "-m", "stepflow", "run", f"{MODULE}:sleepy", "-p", "seconds=8",
                                "--no-progress"], cwd=project, env=environ, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     from stepflow._store.runs import RunStore

@@ -182,6 +182,8 @@ class SageMakerStepOperator(RemoteJobOperator):
                     try:
                         await self._check_setup()
                         self._preflight_ok = True
+                    except TransientBackendError:
+                        raise  # throttled even after retries: the next attempt checks again
                     except StepflowError as exc:
                         self._preflight_error = exc
         if self._preflight_error is not None:  # every step of the run gets the same clear error
@@ -218,17 +220,20 @@ class SageMakerStepOperator(RemoteJobOperator):
         store = res.artifact_store
         root = str(getattr(store, "root", ""))
         bucket = self.config.bucket_name
+        why = "--bucket_name: SageMaker writes the job output there"
         if not bucket and root.startswith("s3://"):
             bucket = root.removeprefix("s3://").split("/", 1)[0]
+            why = (f"artifact store '{getattr(store, 'name', '?')}' ({root}), also SageMaker's job output "
+                   "(--bucket_name unset)")
         if not bucket:
             raise ConfigError(f"{self.what}: SageMaker writes job output to S3: set --bucket_name (the artifact store "
                               f"'{getattr(store, 'name', '?')}' at {root} is not an S3 bucket)")
         self._bucket = bucket
-        await self._check_bucket(bucket, store)
+        await self._check_bucket(bucket, store, why)
         if store is not None and getattr(store, "is_remote", False):
             await store.exists(f"{root.rstrip('/')}/.stepflow-preflight")  # a missing bucket is named here
 
-    async def _check_bucket(self, bucket: str, store: Any) -> None:
+    async def _check_bucket(self, bucket: str, store: Any, why: str) -> None:
         endpoint = None
         options = getattr(store, "storage_options", None)
         if callable(options) and str(getattr(store, "root", "")).startswith("s3://"):
@@ -238,12 +243,12 @@ class SageMakerStepOperator(RemoteJobOperator):
         except Exception as exc:
             status, code = http_status(exc), error_code(exc)
             if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
-                raise BackendError(f"{self.what}: S3 bucket '{bucket}' does not exist (SageMaker writes job output "
-                                   f"there): create it in {self.aws.region} or set --bucket_name") from None
+                raise BackendError(f"{self.what}: S3 bucket '{bucket}' does not exist ({why}): create it in "
+                                   f"{self.aws.region} or point stepflow at an existing one") from None
             if status == 403 or code in ("403", "AccessDenied", "Forbidden"):
-                raise BackendError(f"{self.what}: access denied to S3 bucket '{bucket}': the credentials in use "
-                                   "(and the job role) need s3:ListBucket, s3:GetObject and s3:PutObject on it") \
-                    from None
+                raise BackendError(f"{self.what}: access denied to S3 bucket '{bucket}' ({why}): the credentials in "
+                                   "use (and the job role) need s3:ListBucket, s3:GetObject and s3:PutObject on "
+                                   "it") from None
             raise self.aws.translate(exc, f"checking S3 bucket '{bucket}'", endpoint) from exc
 
     # ---------------------------------------------------------------- submit
@@ -649,8 +654,8 @@ class _LogTailer:
         name = str(stream.get("logStreamName"))
         marker = (stream.get("lastIngestionTime"), stream.get("storedBytes"), stream.get("lastEventTimestamp"))
         now = time.monotonic()
-        if (watch.final_rounds is None and watch.seen.get(name) == marker
-                and now - watch.fetched.get(name, 0.0) < self.STALE_S):
+        last_round = watch.final_rounds == 1  # the job ended: read once more whatever the listing says
+        if not last_round and watch.seen.get(name) == marker and now - watch.fetched.get(name, 0.0) < self.STALE_S:
             return
         token = watch.tokens.get(name)
         try:
@@ -663,10 +668,10 @@ class _LogTailer:
                 for event in events:
                     for line in str(event.get("message", "")).rstrip("\n").split("\n"):
                         watch.queue.put_nowait(line)
-                new = page.get("nextForwardToken")
-                if not new or new == token:  # the same token back: nothing more for now
-                    break
+                new = page.get("nextForwardToken") or token
                 token = new
+                if not events or new == params.get("nextToken"):  # nothing more for now
+                    break
         finally:
             if token:
                 watch.tokens[name] = token
