@@ -71,7 +71,7 @@ def docker_problem() -> str | None:
 async def phase(name: str, spec: Any, registry: Any, cache_dir: Path) -> dict[str, Any]:
     from stepflow_docker.builder import DockerImageBuilder
 
-    from stepflow._remote.images import ImageManager
+    from stepflow.remote._images import ImageManager
 
     builder = DockerImageBuilder(name="docker")
     manager = ImageManager(builder, registry, cache_dir=cache_dir)
@@ -91,7 +91,7 @@ async def phase(name: str, spec: Any, registry: Any, cache_dir: Path) -> dict[st
 async def bench() -> dict[str, Any]:
     from stepflow._components.registry import DefaultContainerRegistry
     from stepflow._flavors.builtin import DefaultRegistryConfig
-    from stepflow._remote.images import ImageSpec
+    from stepflow.remote._images import ImageSpec
 
     prefix = f"bench-{uuid.uuid4().hex[:10]}"
     scratch = Path(tempfile.mkdtemp(prefix="stepflow-bench-images-"))

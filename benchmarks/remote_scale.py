@@ -51,9 +51,9 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 import stepflow
 from stepflow import pipeline, step
-from stepflow._remote import payload as envelope
-from stepflow._remote.io import read_uri, write_uri
 from stepflow.remote import JobSpec, JobState, RemoteJobOperator, TransientBackendError
+from stepflow.remote import _envelope as envelope
+from stepflow.remote._io import read_uri, write_uri
 
 BATCH_LIMIT = 100
 PHASES = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",

@@ -18,8 +18,8 @@ import time
 import traceback
 from typing import Any
 
-from stepflow._remote import payload as envelope
-from stepflow._remote.io import read_uri, sibling, write_uri
+from stepflow.remote import _envelope as envelope
+from stepflow.remote._io import read_uri, sibling, write_uri
 
 EXIT_OK, EXIT_STEP_FAILED, EXIT_REFUSED = 0, 1, 2
 

@@ -314,7 +314,7 @@ async def test_a_tampered_payload_is_refused_and_nothing_runs(project: Path, doc
 async def test_a_version_mismatch_names_both_versions(project: Path, docker_stack: str) -> None:
     from stepflow_docker.operator import DockerStepOperator
 
-    from stepflow._remote import payload as envelope
+    from stepflow.remote import _envelope as envelope
 
     class OldRunner(DockerStepOperator):
         async def _payload(self, inv: Any, key: bytes, store: Any, base: str) -> bytes:

@@ -19,7 +19,9 @@ import pytest
 from stepflow_docker.builder import DockerImageBuilder, split_reference
 from stepflow_docker.flavors import DockerBuilderConfig, DockerImageBuilderFlavor
 
-from stepflow._remote.images import (
+from stepflow.errors import BackendError, ImageBuildError
+from stepflow.events import Event, ImageBuildFinished, ImageBuildStarted, ImagePushed, LogLine
+from stepflow.remote._images import (
     ImageManager,
     ImageSpec,
     parse_ignore,
@@ -28,8 +30,6 @@ from stepflow._remote.images import (
     tree_hash,
     walk_tree,
 )
-from stepflow.errors import BackendError, ImageBuildError
-from stepflow.events import Event, ImageBuildFinished, ImageBuildStarted, ImagePushed, LogLine
 from tests import docker_env
 from tests.docker_env import BASE_IMAGE, docker_test
 

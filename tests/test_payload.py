@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stepflow._remote import payload as envelope
+from stepflow.remote import _envelope as envelope
 
 KEY = bytes(range(32))
 

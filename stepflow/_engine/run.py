@@ -262,11 +262,11 @@ def prepare_resume(run_id: str, *, event_bus: EventBus | None = None, **options:
     import socket
 
     from stepflow._cli.loader import load_target
-    from stepflow._remote.io import read_uri
-    from stepflow._remote.payload import MAGIC
     from stepflow._store.runs import RunStore
     from stepflow._store.sqlite import Store
     from stepflow.errors import StepflowError
+    from stepflow.remote._envelope import MAGIC
+    from stepflow.remote._io import read_uri
 
     runs = RunStore(Store())
     record = runs.get_run(run_id)

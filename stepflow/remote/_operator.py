@@ -307,7 +307,7 @@ class RemoteJobOperator(StepOperator):
 
     async def ensure_image(self, settings: Mapping[str, Any], step: str) -> str:
         """The pushed image for this step (built at most once per content hash)."""
-        from stepflow._remote.images import ImageManager, ImageSpec
+        from stepflow.remote._images import ImageManager, ImageSpec
 
         res = self._require()
         if self._images is None:
@@ -326,7 +326,7 @@ class RemoteJobOperator(StepOperator):
     # ---------------------------------------------------------------- one attempt
     async def launch(self, invocation: Invocation) -> Any:
         """Run one attempt as a remote job (see the module docstring)."""
-        from stepflow._remote import payload as envelope
+        from stepflow.remote import _envelope as envelope
 
         res = self._require()
         store = res.artifact_store
@@ -424,7 +424,7 @@ class RemoteJobOperator(StepOperator):
         raise BackendError(f"could not submit job {spec.name}")  # unreachable
 
     async def _payload(self, inv: Invocation, key: bytes, store: ArtifactStore, base: str) -> bytes:
-        from stepflow._remote import payload as envelope
+        from stepflow.remote import _envelope as envelope
 
         def big_to_refs(value: Any, out: list[tuple[str, bytes]]) -> Any:
             data = envelope.pickle_input(value)
@@ -455,7 +455,7 @@ class RemoteJobOperator(StepOperator):
 
     async def _read_output(self, store: ArtifactStore, uri: str, key: bytes, name: str,
                            state: JobState | None) -> Any:
-        from stepflow._remote import payload as envelope
+        from stepflow.remote import _envelope as envelope
 
         try:
             data = await store.read_bytes(uri)
@@ -476,7 +476,7 @@ class RemoteJobOperator(StepOperator):
     def _storage_env(self, store: ArtifactStore) -> dict[str, str]:
         import json
 
-        from stepflow._remote.io import STORAGE_OPTIONS_ENV
+        from stepflow.remote._io import STORAGE_OPTIONS_ENV
 
         options = getattr(store, "storage_options", None)
         opts = options() if callable(options) else None
