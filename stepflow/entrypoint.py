@@ -1,9 +1,12 @@
-"""Run one step inside a job: ``python -m stepflow.entrypoint --payload URI``.
+"""Run one step inside a job: ``python -m stepflow.entrypoint --payload URI --output URI``.
 
-The payload is verified (HMAC with ``$STEPFLOW_PAYLOAD_KEY``) before anything is unpickled,
-then the step runs and its output, or its error with the full traceback, is written as a
-signed envelope next to the payload (``output.bin``). Exit status: 0 success, 1 the step
-raised, 2 the payload was refused or unreadable.
+Before anything is unpickled the payload is checked twice: its sha256 must equal
+``$STEPFLOW_PAYLOAD_SHA256`` (the job runs exactly the bytes the runner wrote), and its
+signature must verify with the key derived from the job's token. The token comes from the
+secrets file named by ``$STEPFLOW_SECRETS_FILE`` when the backend delivers one, else from
+``$STEPFLOW_JOB_TOKEN``. The step then runs, and its output, or its error with the full
+traceback, is written as an envelope signed with the job's output key (unwrapped from the
+payload with the token). Exit status: 0 success, 1 the step raised, 2 the payload was refused.
 """
 
 from __future__ import annotations
@@ -11,79 +14,119 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import inspect
+import json
 import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
+from stepflow.errors import PayloadError
 from stepflow.remote import _envelope as envelope
-from stepflow.remote._io import read_uri, sibling, write_uri
+from stepflow.remote import _keys as keys
+from stepflow.remote._io import read_uri, storage_options, write_uri
 
 EXIT_OK, EXIT_STEP_FAILED, EXIT_REFUSED = 0, 1, 2
 
 
-def _key() -> bytes:
-    raw = os.environ.get(envelope.KEY_ENV)
+def _secrets() -> dict[str, Any]:
+    path = os.environ.get(keys.SECRETS_FILE_ENV)
+    if path:
+        try:
+            return dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise PayloadError(f"cannot read the job's secrets file {path}: {exc}") from None
+    token = os.environ.get(keys.TOKEN_ENV)
+    return {keys.TOKEN_SECRET: token} if token else {}
+
+
+def _token(secrets: dict[str, Any]) -> bytes:
+    raw = secrets.get(keys.TOKEN_SECRET)
     if not raw:
-        raise envelope.PayloadError(f"{envelope.KEY_ENV} is not set in the job's environment; "
-                                    "the operator must pass the artifact store's payload key")
-    return bytes.fromhex(raw)
+        raise PayloadError(f"the job has no token (neither {keys.SECRETS_FILE_ENV} nor {keys.TOKEN_ENV}); "
+                           "it was not started by a stepflow operator: refusing to run anything")
+    return bytes.fromhex(str(raw))
 
 
-def _resolve_refs(value: Any) -> Any:
+def _check_pinned(raw: bytes) -> None:
+    pinned = os.environ.get(keys.PAYLOAD_SHA_ENV, "")
+    if not pinned:
+        raise PayloadError(f"{keys.PAYLOAD_SHA_ENV} is not set: the job does not pin its payload, refusing to run it")
+    if not hmac.compare_digest(hashlib.sha256(raw).hexdigest(), pinned.strip().lower()):
+        raise PayloadError("the payload does not match the sha256 its job was started with: it was replaced or "
+                           "modified after submission; refusing to unpickle it, nothing was executed")
+
+
+def _resolve_refs(value: Any, options: dict[str, Any]) -> Any:
     if isinstance(value, envelope.ArtifactRef):
-        data = read_uri(value.uri)
+        data = read_uri(value.uri, options)
         if envelope.sha256(data) != value.sha256:
-            raise envelope.PayloadError(f"input artifact {value.uri} does not match its recorded sha256: "
-                                        "it was modified after the payload was signed")
+            raise PayloadError(f"input artifact {value.uri} does not match its recorded sha256: "
+                               "it was modified after the payload was signed")
         import pickle
 
         return pickle.loads(data)
     if isinstance(value, tuple):
-        return tuple(_resolve_refs(v) for v in value)
+        return tuple(_resolve_refs(v, options) for v in value)
     if isinstance(value, list):
-        return [_resolve_refs(v) for v in value]
+        return [_resolve_refs(v, options) for v in value]
     if isinstance(value, dict):
-        return {k: _resolve_refs(v) for k, v in value.items()}
+        return {k: _resolve_refs(v, options) for k, v in value.items()}
     return value
 
 
-def _write_output(uri: str, key: bytes | None, body: dict[str, Any], header: dict[str, Any]) -> None:
-    if key is None:
-        return  # without the key nothing we write could be trusted by the runner
-    write_uri(uri, envelope.encode("output", body, key, **header))
+class _Job:
+    """What the entrypoint learned about its job, step by step (for error reporting)."""
+
+    def __init__(self) -> None:
+        self.output_key: bytes | None = None
+        self.meta: dict[str, Any] = {}
+        self.options: dict[str, Any] = {}
+
+    def write(self, uri: str, body: dict[str, Any]) -> None:
+        if self.output_key is None:
+            return  # without the output key nothing written here could be trusted by the runner
+        write_uri(uri, envelope.encode("output", body, self.output_key, **self.meta), self.options)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     parser = argparse.ArgumentParser(prog="python -m stepflow.entrypoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--payload", required=True, help="URI of the signed step payload")
-    parser.add_argument("--output", help="URI for the output envelope (default: output.bin beside the payload)")
+    parser.add_argument("--payload", required=True, help="URI of the step payload")
+    parser.add_argument("--output", required=True, help="URI to write the output envelope to")
     args = parser.parse_args(argv)
-    output_uri = args.output or sibling(args.payload, "output.bin")
-    key: bytes | None = None
-    header: dict[str, Any] = {}
+    job = _Job()
     try:
-        key = _key()
-        raw = read_uri(args.payload)
-        header, body = envelope.decode(raw, key, kind="payload")
+        secrets = _secrets()
+        token = _token(secrets)
+        job.options = storage_options(secrets.get(keys.STORAGE_SECRET))
+        raw = read_uri(args.payload, job.options)
+        _check_pinned(raw)
+        header, body_bytes = envelope.verify(raw, keys.payload_key(token), kind="payload")
+        job.meta = {k: header.get(k) for k in ("run_id", "step", "attempt", "job")}
+        job.output_key = keys.unwrap_output_key(token, str(header.get("output_key", "")), str(header.get("job")))
+        envelope.check_versions(header, "payload")
+        import pickle
+
+        body = pickle.loads(body_bytes)
         fn = envelope.resolve_function(body["fn_ref"]) if "fn_ref" in body else body["fn"]
-        call_args = _resolve_refs(body["args"])
-        call_kwargs = _resolve_refs(body["kwargs"])
+        call_args = _resolve_refs(body["args"], job.options)
+        call_kwargs = _resolve_refs(body["kwargs"], job.options)
     except Exception as exc:  # refused: nothing of the payload ran
         print(f"stepflow: payload refused: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         try:
-            _write_output(output_uri, key, {"ok": False, "type": type(exc).__name__, "message": str(exc),
-                                            "traceback": traceback.format_exc(), "refused": True}, header)
+            job.write(args.output, {"ok": False, "type": type(exc).__name__, "message": str(exc),
+                                    "traceback": traceback.format_exc(), "refused": True})
         except Exception as write_exc:  # the runner will report the missing output
             print(f"stepflow: could not write the output envelope: {write_exc}", file=sys.stderr)
         return EXIT_REFUSED
-    meta = {k: header.get(k) for k in ("run_id", "step", "attempt")}
-    print(f"stepflow: running step {meta['step']!r} (run {meta['run_id']}, attempt {meta['attempt']})",
-          flush=True)
+    meta = job.meta
+    print(f"stepflow: running step {meta['step']!r} (run {meta['run_id']}, attempt {meta['attempt']})", flush=True)
     started = time.time()
     try:
         result = fn(*call_args, **call_kwargs)
@@ -98,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
                "duration": time.time() - started}
         code = EXIT_STEP_FAILED
     try:
-        _write_output(output_uri, key, out, meta)
+        job.write(args.output, out)
     except Exception as exc:
         tb = traceback.format_exc()
         print(f"stepflow: could not write the step output: {type(exc).__name__}: {exc}\n{tb}",
               file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):  # e.g. an unpicklable return value: report that instead
-            _write_output(output_uri, key, {"ok": False, "type": type(exc).__name__,
-                                            "message": f"step {meta['step']!r} returned a value that cannot be "
-                                                       f"stored: {exc}", "traceback": tb}, meta)
+            job.write(args.output, {"ok": False, "type": type(exc).__name__,
+                                    "message": f"step {meta['step']!r} returned a value that cannot be stored: {exc}",
+                                    "traceback": tb})
         return EXIT_STEP_FAILED
     print(f"stepflow: step {meta['step']!r} {'succeeded' if code == 0 else 'failed'} in "
           f"{time.time() - started:.2f}s", flush=True)

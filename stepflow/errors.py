@@ -97,4 +97,55 @@ class JobStoppedError(StepflowError):
 
 
 class TransientBackendError(BackendError):
-    """A backend call failed in a way worth retrying (throttling, 5xx, connection reset)."""
+    """A backend call failed in a way worth retrying (throttling, 5xx, connection reset).
+
+    ``retry_after`` (seconds) is the backend's own hint (an HTTP Retry-After), honoured by the
+    retry policy when given.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CapacityError(BackendError):
+    """The backend has no capacity for the job now (quota, no spot capacity, zone exhausted).
+
+    Not retried in place: it is the signal for moving the job to other capacity.
+    """
+
+
+class RegistryError(StepflowError):
+    """A container registry could not be reached or refused a request."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        super().__init__(f"container registry {uri}: {detail}")
+        self.uri = uri
+
+
+class PayloadError(StepflowError):
+    """An envelope (payload, output, stored value) was refused: tampered, foreign or truncated."""
+
+
+class VersionMismatchError(PayloadError):
+    """An envelope was written by another Python or cloudpickle version."""
+
+
+class ArtifactStoreError(StepflowError):
+    """An artifact store failed or refused an operation; the message names store and URI."""
+
+
+class BucketNotFoundError(ArtifactStoreError):
+    """The bucket (container) an artifact store points at does not exist."""
+
+
+class AccessDeniedError(ArtifactStoreError, PermissionError):
+    """The credentials of an artifact store may not do what was asked."""
+
+
+class StorePathError(ConfigError, ValueError):
+    """A remote artifact store's path has the wrong scheme or no bucket.
+
+    A ValueError too, so config validation reports it with the component's name; raised as is
+    when an ``{{env.VAR}}`` reference resolves to a bad path at creation time.
+    """

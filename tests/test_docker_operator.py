@@ -163,7 +163,7 @@ def containers_for(run_id: str) -> list[str]:
 async def test_three_step_pipeline_with_the_middle_step_in_a_container(project: Path, docker_stack: str) -> None:
     mod = module_of(project)
     result, events = await run_with_events(mod.three(lr=2.0))
-    assert result.status == "succeeded", result.steps["train"].error
+    assert result.status == "succeeded", {k: v.error for k, v in result.steps.items()}
     model = result.outputs["train"]
     assert model["score"] == 20.0 and model["in_container"] is True and model["pid"] != os.getpid()
     assert result.output == 21.0

@@ -24,11 +24,10 @@ from stepflow.events import Event, ImageBuildFinished, ImageBuildStarted, ImageP
 from stepflow.remote._images import (
     ImageManager,
     ImageSpec,
-    parse_ignore,
     render_dockerfile,
     resolve_closure,
+    stage_project,
     tree_hash,
-    walk_tree,
 )
 from tests import docker_env
 from tests.docker_env import BASE_IMAGE, docker_test
@@ -143,7 +142,7 @@ def project(tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------ no Docker needed
-def test_ignore_rules_and_walk(tmp_path: Path) -> None:
+def test_staging_ships_what_the_context_rules_allow(tmp_path: Path) -> None:
     root = make_project(tmp_path / "p", "x")
     (root / "keep.tmp.py").write_text("")
     (root / "sub" / "data").mkdir(parents=True)
@@ -152,12 +151,18 @@ def test_ignore_rules_and_walk(tmp_path: Path) -> None:
     (root / "only_root.txt").write_text("")
     (root / "sub" / "only_root.txt").write_text("")
     (root / "important.tmp").write_text("")
-    files = sorted(rel for rel, _ in walk_tree(root))
-    assert files == [".stepflowignore", "important.tmp", "keep.tmp.py", "mypkg/__init__.py",
-                     "sub/only_root.txt", "train.py"]
-    rules = parse_ignore(["*.egg-info", "build/"])
-    assert rules[0].matches("x/foo.egg-info", True) and rules[1].matches("build", True)
-    assert not rules[1].matches("build", False)
+    (root / ".env").write_text("TOKEN=x\n")
+    (root / ".gitignore").write_text("ignored.py\n")
+    (root / "ignored.py").write_text("")
+    home = root / ".stepflow-home"
+    home.mkdir()
+    (home / "stepflow.db").write_text("secrets")
+    files, listing = stage_project(root, tmp_path / "staged", home=home)
+    assert sorted(rel for rel, _, _ in files) == [".gitignore", ".stepflowignore", "important.tmp", "keep.tmp.py",
+                                                  "mypkg/__init__.py", "sub/only_root.txt", "train.py"]
+    assert not (tmp_path / "staged" / ".env").exists() and not (tmp_path / "staged" / ".stepflow-home").exists()
+    assert {e.rel for e in listing.excluded} >= {".env", "ignored.py", ".stepflow-home"}
+    assert tree_hash(root, home=home) == tree_hash(root, home=home)
 
 
 def test_closure_and_dockerfile() -> None:
@@ -372,7 +377,7 @@ async def test_errors_are_clear(builder: Any, registry: Any, project: Path, whee
         for _ in range(4):
             tg.start_soon(attempt)
     assert len(errors) == 4 and dead_mgr.stats.registry_checks == 1
-    assert "127.0.0.1:1/stepflow" in str(errors[0]) and "unreachable" in str(errors[0])
+    assert "127.0.0.1:1/stepflow" in str(errors[0]) and "is the registry running" in str(errors[0])
     with pytest.raises(ImageBuildError, match=r"127\.0\.0\.1:1"):
         await dead_mgr.ensure(spec)
     assert dead_mgr.stats.registry_checks == 2  # failures are not cached

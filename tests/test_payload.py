@@ -1,18 +1,37 @@
-"""Signed payload envelopes and the in-container entrypoint, exercised as a job would run it."""
+"""Payload and output envelopes and the in-container entrypoint, exercised as a job runs it.
+
+The job knows its token (from its environment or a secrets file) and the sha256 its payload
+was pinned to; the runner alone knows the master key the job's keys derive from. The tests
+play the attacker too: with the token (readable from a job's description) and write access to
+the store, nothing they change is run or accepted.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from stepflow.errors import PayloadError
 from stepflow.remote import _envelope as envelope
+from stepflow.remote import _keys as keys
 
-KEY = bytes(range(32))
+MASTER = bytes(range(32))
+JOB = "sf-r1-s-1"
+
+
+def derive(purpose: str) -> bytes:
+    return hmac.new(MASTER, purpose.encode(), hashlib.sha256).digest()
+
+
+JOB_KEYS = keys.JobKeys.derive(derive, JOB)
 
 
 def double(x: int) -> int:
@@ -28,61 +47,116 @@ def write_marker(path: str) -> str:
     return "done"
 
 
-def run_entrypoint(payload: Path, key: bytes = KEY) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, envelope.KEY_ENV: key.hex(),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "stepflow.entrypoint", "--payload", str(payload)],
-                          capture_output=True, text=True, env=env, timeout=60)
+def payload_bytes(fn: Any, *args: Any, job_keys: keys.JobKeys = JOB_KEYS, **header: Any) -> bytes:
+    fields = {"run_id": "r1", "step": "s", "attempt": 1, "job": job_keys.job,
+              "output_key": job_keys.wrapped_output_key(), **header}
+    return envelope.encode("payload", {"fn": fn, "args": args, "kwargs": {}}, job_keys.payload_key, **fields)
 
 
-def make_payload(tmp_path: Path, fn, *args, **kwargs) -> Path:  # type: ignore[no-untyped-def]
+def write_payload(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "job" / "payload.bin"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(envelope.encode("payload", {"fn": fn, "args": args, "kwargs": kwargs}, KEY,
-                                     run_id="r1", step="s", attempt=1))
+    path.write_bytes(data)
     return path
 
 
-def read_output(payload: Path, key: bytes = KEY) -> dict:
-    _, body = envelope.decode((payload.parent / "output.bin").read_bytes(), key, kind="output")
+def run_entrypoint(payload: Path, *, pin: str | None = None, token: bytes | None = JOB_KEYS.token,
+                   secrets_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
+    if pin is not None:
+        env[keys.PAYLOAD_SHA_ENV] = pin
+    if secrets_file is not None:
+        env[keys.SECRETS_FILE_ENV] = str(secrets_file)
+    elif token is not None:
+        env[keys.TOKEN_ENV] = token.hex()
+    return subprocess.run([sys.executable, "-m", "stepflow.entrypoint", "--payload", str(payload), "--output",
+                           str(payload.parent / "output.bin")], capture_output=True, text=True, env=env, timeout=60)
+
+
+def run_pinned(tmp_path: Path, data: bytes, **kw: Any) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    payload = write_payload(tmp_path, data)
+    return payload, run_entrypoint(payload, pin=hashlib.sha256(data).hexdigest(), **kw)
+
+
+def read_output(payload: Path, job: str = JOB, step: str = "s") -> dict[str, Any]:
+    """What the runner does: verify with the key only it (and the job) can know, for this job only."""
+    _, body = envelope.decode((payload.parent / "output.bin").read_bytes(), JOB_KEYS.output_key, kind="output",
+                              expect={"job": job, "run_id": "r1", "step": step, "attempt": 1})
     return dict(body)
 
 
 def test_round_trip_and_entrypoint_success(tmp_path: Path) -> None:
-    payload = make_payload(tmp_path, double, 21)
-    out = run_entrypoint(payload)
+    payload, out = run_pinned(tmp_path, payload_bytes(double, 21))
     assert out.returncode == 0, out.stderr
     assert "running step 's' (run r1, attempt 1)" in out.stdout
     assert read_output(payload)["value"] == 42
 
 
+def test_the_token_can_come_from_a_secrets_file(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(json.dumps({keys.TOKEN_SECRET: JOB_KEYS.token.hex()}))
+    payload, out = run_pinned(tmp_path, payload_bytes(double, 4), secrets_file=secrets)
+    assert out.returncode == 0, out.stderr
+    assert read_output(payload)["value"] == 8
+
+
 def test_remote_exception_comes_back_with_its_traceback(tmp_path: Path) -> None:
-    payload = make_payload(tmp_path, explode, 7)
-    out = run_entrypoint(payload)
+    payload, out = run_pinned(tmp_path, payload_bytes(explode, 7))
     assert out.returncode == 1
     body = read_output(payload)
     assert body["ok"] is False and body["type"] == "ValueError" and body["message"] == "bad value 7"
     assert 'raise ValueError(f"bad value {x}")' in body["traceback"]
 
 
-def test_tampered_payload_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+def test_a_payload_changed_after_submission_is_refused_and_nothing_runs(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
-    payload = make_payload(tmp_path, write_marker, str(marker))
-    data = bytearray(payload.read_bytes())
-    data[-5] ^= 0x01  # flip one bit of the pickled body
-    payload.write_bytes(bytes(data))
-    out = run_entrypoint(payload)
+    data = payload_bytes(write_marker, str(marker))
+    pin = hashlib.sha256(data).hexdigest()
+    tampered = bytearray(data)
+    tampered[-5] ^= 0x01  # flip one bit of the pickled body
+    payload = write_payload(tmp_path, bytes(tampered))
+    out = run_entrypoint(payload, pin=pin)
     assert out.returncode == 2
-    assert "payload refused" in out.stderr and "signature mismatch" in out.stderr
+    assert "payload refused" in out.stderr and "does not match the sha256 its job was started with" in out.stderr
     assert not marker.exists()
-    body = read_output(payload)
-    assert body["refused"] and body["type"] == "PayloadError"
 
 
-def test_wrong_key_is_refused(tmp_path: Path) -> None:
+def test_the_token_from_a_job_description_cannot_sign_a_payload_that_runs(tmp_path: Path) -> None:
+    """An attacker reads the job's env (token and pin), writes their own payload, signed properly."""
     marker = tmp_path / "marker"
-    payload = make_payload(tmp_path, write_marker, str(marker))
-    out = run_entrypoint(payload, key=b"\x01" * 32)
+    honest = payload_bytes(double, 1)
+    forged = payload_bytes(write_marker, str(marker))  # signed with the token-derived key, like the real one
+    payload = write_payload(tmp_path, forged)
+    out = run_entrypoint(payload, pin=hashlib.sha256(honest).hexdigest())
+    assert out.returncode == 2 and "does not match the sha256" in out.stderr
+    assert not marker.exists()
+
+
+def test_the_token_alone_cannot_forge_an_output_the_runner_accepts(tmp_path: Path) -> None:
+    """With the token but not the payload (no store read access), the output key stays unknown."""
+    payload = write_payload(tmp_path, payload_bytes(double, 1))
+    for guess in (JOB_KEYS.token, keys.payload_key(JOB_KEYS.token), hashlib.sha256(JOB_KEYS.token).digest()):
+        forged = envelope.encode("output", {"ok": True, "value": "attacker"}, guess, run_id="r1", step="s",
+                                 attempt=1, job=JOB)
+        (payload.parent / "output.bin").write_bytes(forged)
+        with pytest.raises(PayloadError, match="signature mismatch"):
+            read_output(payload)
+
+
+def test_an_output_of_another_job_is_refused(tmp_path: Path) -> None:
+    payload, out = run_pinned(tmp_path, payload_bytes(double, 21))
+    assert out.returncode == 0
+    with pytest.raises(PayloadError, match="belongs to step 's', not 'other'"):
+        read_output(payload, step="other")
+    other = keys.JobKeys.derive(derive, "sf-r1-other-1")  # its key cannot verify this job's output
+    with pytest.raises(PayloadError, match="signature mismatch"):
+        envelope.decode((payload.parent / "output.bin").read_bytes(), other.output_key, kind="output")
+
+
+def test_a_wrong_token_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    _, out = run_pinned(tmp_path, payload_bytes(write_marker, str(marker)), token=b"\x01" * 32)
     assert out.returncode == 2 and "signature mismatch" in out.stderr and not marker.exists()
 
 
@@ -92,22 +166,22 @@ def test_wrong_key_is_refused(tmp_path: Path) -> None:
     ("format", 99, "envelope format 99 is not supported"),
 ])
 def test_version_mismatch_names_both_versions(tmp_path: Path, field: str, value: object, message: str) -> None:
-    payload = make_payload(tmp_path, double, 1)
-    magic, head, _mac, body = envelope._split(payload.read_bytes())
+    magic, head, _mac, body = envelope._split(payload_bytes(double, 1))
     header = json.loads(head)
     header[field] = value
     head = json.dumps(header, sort_keys=True).encode() + b"\n"
-    payload.write_bytes(magic + head + envelope.sign(KEY, magic, head, body).encode() + b"\n" + body)
-    out = run_entrypoint(payload)
+    data = magic + head + envelope.sign(JOB_KEYS.payload_key, magic, head, body).encode() + b"\n" + body
+    payload, out = run_pinned(tmp_path, data)
     assert out.returncode == 2
     assert message in out.stderr
+    assert read_output(payload)["refused"]  # the runner hears why, in a verified envelope
 
 
 def test_garbage_and_truncated_envelopes() -> None:
-    with pytest.raises(envelope.PayloadError, match="bad magic"):
-        envelope.decode(b"hello", KEY, kind="payload")
-    with pytest.raises(envelope.PayloadError, match="truncated"):
-        envelope.decode(envelope.MAGIC + b"{}", KEY, kind="payload")
+    with pytest.raises(PayloadError, match="bad magic"):
+        envelope.decode(b"hello", JOB_KEYS.payload_key, kind="payload")
+    with pytest.raises(PayloadError, match="truncated"):
+        envelope.decode(envelope.MAGIC + b"{}", JOB_KEYS.payload_key, kind="payload")
 
 
 def test_large_inputs_travel_by_verified_reference(tmp_path: Path) -> None:
@@ -117,18 +191,16 @@ def test_large_inputs_travel_by_verified_reference(tmp_path: Path) -> None:
     data = envelope.pickle_input(blob)
     ref_path.write_bytes(data)
     ref = envelope.ArtifactRef(str(ref_path), envelope.sha256(data), len(data))
-    payload = make_payload(tmp_path, len, ref)
-    out = run_entrypoint(payload)
+    payload, out = run_pinned(tmp_path, payload_bytes(len, ref))
     assert out.returncode == 0, out.stderr
     assert read_output(payload)["value"] == len(blob)
     ref_path.write_bytes(envelope.pickle_input(b"other"))  # modified after signing
-    out = run_entrypoint(payload)
+    out = run_entrypoint(payload, pin=hashlib.sha256(payload.read_bytes()).hexdigest())
     assert out.returncode == 2 and "does not match its recorded sha256" in out.stderr
 
 
-def test_missing_key_is_explained(tmp_path: Path) -> None:
-    payload = make_payload(tmp_path, double, 1)
-    env = {k: v for k, v in os.environ.items() if k != envelope.KEY_ENV}
-    out = subprocess.run([sys.executable, "-m", "stepflow.entrypoint", "--payload", str(payload)],
-                         capture_output=True, text=True, env=env, timeout=60)
-    assert out.returncode == 2 and "STEPFLOW_PAYLOAD_KEY is not set" in out.stderr
+def test_missing_token_or_pin_is_explained(tmp_path: Path) -> None:
+    payload, out = run_pinned(tmp_path, payload_bytes(double, 1), token=None)
+    assert out.returncode == 2 and "the job has no token" in out.stderr
+    out = run_entrypoint(payload)  # no pin
+    assert out.returncode == 2 and f"{keys.PAYLOAD_SHA_ENV} is not set" in out.stderr

@@ -58,7 +58,7 @@ def _plural(kind: str) -> str:
 
 
 def _fail(message: str) -> NoReturn:
-    from stepflow._cli.main import fail  # deferred: main imports this module
+    from stepflow._cli.common import fail
 
     fail(message)
     raise SystemExit(2)  # not reached: fail() exits
@@ -163,6 +163,20 @@ def _name_and_options(kind: str, name: str, extra: Sequence[str]) -> tuple[str, 
     return name, values
 
 
+def _note_encrypted(client: Client, kind: str, name: str, stored: dict[str, Any], given: dict[str, Any]) -> None:
+    """Say which secrets just given were encrypted, and recommend environment references."""
+    from stepflow._config.options import normalize_key
+    from stepflow._store.secrets import is_encrypted
+
+    sealed = [k for k in dict.fromkeys(map(normalize_key, given)) if is_encrypted(stored.get(k))]
+    if not sealed:
+        return
+    names = ", ".join(sealed)
+    _note(f"{_esc(names)} stored encrypted (master key: {_esc(client.key_location())}); to keep "
+          f"{'them' if len(sealed) > 1 else 'it'} out of the store entirely, use an environment reference: "
+          f"`stepflow {_label(kind)} update {_esc(name)} --{_esc(sealed[0])}='{{{{env.VAR}}}}'`")
+
+
 def _stacks_using(stacks: Iterable[StackModel]) -> dict[tuple[str, str], list[str]]:
     users: dict[tuple[str, str], list[str]] = {}
     for stack in stacks:
@@ -193,8 +207,9 @@ def _component_group(kind: str) -> click.Group:
 
     NAME is yours to choose; --type (-t) is the flavor. Flavor options may be written
     --instance_type=x, --instance-type=x or --instance-type x; an option given without a value
-    means true (e.g. --use_spot). Secret options are never printed; write '{{{{env.VAR}}}}' to
-    keep them out of the store (resolved from the environment when a run starts).
+    means true (e.g. --use_spot). Secret options are never printed and are stored encrypted with
+    the home's master key (kept outside the store); better, write '{{{{env.VAR}}}}' to keep them
+    out of the store entirely (resolved from the environment when a run starts).
 
     \b
     Examples:
@@ -212,6 +227,7 @@ def _component_group(kind: str) -> click.Group:
             _fail(f"--type FLAVOR is required: the flavor of the {label} (available: {available})")
         comp = client.register_component(kind, name, flavor, values)
         _console().print(f"registered {_esc(comp.label)} (flavor {_esc(flavor)})")
+        _note_encrypted(client, kind, comp.name, comp.config, values)
 
     @group.command("list", help=f"""List the registered {labels}: name, flavor and stacks using each.
 
@@ -238,7 +254,9 @@ def _component_group(kind: str) -> click.Group:
 
     @group.command("describe", help=f"""Show a {label}: flavor, stacks using it and every option.
 
-    Options not given at registration show their default; secrets show as ********.
+    Options not given at registration show their default; secrets show as ********, and
+    under "secrets" how each is kept: encrypted (and where the key is) or an environment
+    reference.
 
     \b
     Example:
@@ -265,6 +283,12 @@ def _component_group(kind: str) -> click.Group:
             for key, value in config.items():
                 default = "" if key in given else "  [dim](default)[/]"
                 console.print(f"    {_esc(key.ljust(width))}  {_esc(value)}{default}")
+        kept: dict[str, str] = info.get("secrets") or {}
+        if kept:
+            console.print("  secrets")
+            width = max(map(len, kept))
+            for key, how in kept.items():
+                console.print(f"    {_esc(key.ljust(width))}  {_esc(how)}")
 
     @group.command("update", context_settings=_EXTRA_ARGS, help=f"""Change options of a {label}.
 
@@ -283,9 +307,11 @@ def _component_group(kind: str) -> click.Group:
         if not values:
             _fail(f"nothing to update: give the options to change as --OPTION=VALUE (see "
                   f"`stepflow {label} describe {name}`)")
-        comp = _client().update_component(kind, name, values)
+        client = _client()
+        comp = client.update_component(kind, name, values)
         # Only the option names: a value may be a secret.
         _console().print(f"updated {_esc(comp.label)}: {_esc(', '.join(sorted(values)))}")
+        _note_encrypted(client, kind, comp.name, comp.config, values)
 
     @group.command("delete", help=f"""Delete a {label}; refused while a stack uses it.
 

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Any
 
 import anyio
 import click
 
+from stepflow._cli.common import fail
+from stepflow._cli.components import register_commands
+from stepflow._cli.image import register_image_commands
+from stepflow._cli.runs import register_run_commands
 from stepflow._version import __version__
 from stepflow.errors import StepflowError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> None:
-    """Print an error for the user (no traceback) and exit."""
-    click.secho(f"error: {message}", fg="red", err=True)
-    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -61,8 +56,8 @@ def run_cmd(target: str, params: tuple[str, ...], events_file: str | None,
     object. Exit status: 0 when every step succeeded, 1 when the run failed, 2 on bad
     input, 130 when interrupted with Ctrl-C (running steps are cancelled first).
     """
-    from stepflow._cli.loader import load_target, parse_params
     from stepflow._dsl.pipeline import PipelineDef
+    from stepflow._engine.loader import load_target, parse_params
 
     try:
         loaded = load_target(target)
@@ -88,85 +83,14 @@ async def _run_pipeline(pipeline: Any, target: str | None, events_file: str | No
         return prepare_runner(pipeline, event_bus=bus, run_id=run_id, stack=stack, persist=True,
                               target=target, max_concurrency=max_concurrency, fail_fast=fail_fast)
 
+    from stepflow._cli.execute import execute_with_display
+
     return await execute_with_display(prepare, events_file, progress, log_format, "running")
 
 
-async def execute_with_display(prepare: Any, events_file: str | None, progress: bool | None,
-                               log_format: str, verb: str) -> int:
-    """Prepare a runner on a fresh bus, run it with the live display or line output, summarize."""
-    from rich.live import Live
-
-    from stepflow._bus.bus import EventBus
-    from stepflow._bus.sinks import ConsoleSink, JsonlSink
-    from stepflow._cli.progress import LinePrinter, RunView, make_console, print_summary
-
-    console = make_console()
-    interactive = console.is_terminal if progress is None else progress
-    bus = EventBus()
-    if events_file:
-        bus.add_sink(JsonlSink(events_file))
-    if not interactive and log_format == "structlog":
-        bus.add_sink(ConsoleSink())
-    try:
-        runner = prepare(bus)
-    except StepflowError as exc:
-        fail(str(exc))
-    pipeline = runner.pipeline
-    console.print(f"{verb} [bold]{pipeline.name}[/] ({len(pipeline.nodes)} steps) as run "
-                  f"[bold]{runner.run_id}[/] on stack [bold]{runner.stack}[/]")
-    view = RunView(pipeline.name, runner.run_id, len(pipeline.nodes), runner.stack)
-    printer = LinePrinter(console) if not interactive and log_format == "lines" else None
-    interrupted = 0
-
-    async def consume(sub: Any) -> None:
-        async for ev in sub:
-            view.handle(ev)
-            if printer is not None:
-                printer.handle(ev)
-
-    signal_scope = anyio.CancelScope()
-
-    async def watch_signals() -> None:
-        nonlocal interrupted
-        with signal_scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                interrupted += 1
-                if interrupted == 1:
-                    console.print("[magenta]interrupted: cancelling running steps "
-                                  "(press Ctrl-C again to exit at once)[/]")
-                    runner.cancel()
-                else:
-                    os._exit(EXIT_INTERRUPTED)
-
-    async with bus.subscribe(overflow="drop_oldest", buffer=100_000) as sub, \
-            anyio.create_task_group() as tg:
-        tg.start_soon(consume, sub)
-        tg.start_soon(watch_signals)
-        try:
-            if interactive:
-                with Live(get_renderable=view.render, console=console, refresh_per_second=8,
-                          transient=True):
-                    result = await runner.execute()
-            else:
-                result = await runner.execute()
-        except StepflowError as exc:
-            sub.close()
-            signal_scope.cancel()
-            fail(str(exc))
-        sub.close()  # the consumer drains what is buffered, then ends
-        signal_scope.cancel()
-    await bus.aclose()
-    print_summary(console, result)
-    if interrupted:
-        return EXIT_INTERRUPTED
-    return EXIT_OK if result.status == "succeeded" else EXIT_FAILED
-
-
-from stepflow._cli.components import register_commands  # noqa: E402  (needs `cli` and `fail` above)
-from stepflow._cli.runs import register_run_commands  # noqa: E402
-
 register_commands(cli)
 register_run_commands(cli)
+register_image_commands(cli)
 
 
 def _stable_target(ref: str) -> str:

@@ -28,7 +28,7 @@ def _runs() -> Any:
 
 def register_run_commands(cli: click.Group) -> None:
     """Attach the run-history commands to the ``stepflow`` group."""
-    from stepflow._cli.main import fail
+    from stepflow._cli.common import fail
 
     @cli.group("runs")
     def runs_group() -> None:
@@ -119,7 +119,7 @@ def register_run_commands(cli: click.Group) -> None:
         Steps that finished keep their stored outputs and are not run again; remote steps
         whose jobs were submitted are re-attached (never submitted twice); the rest run.
         """
-        from stepflow._cli.main import execute_with_display
+        from stepflow._cli.execute import execute_with_display
         from stepflow._engine.run import prepare_resume
 
         def prepare(bus: Any) -> Any:

@@ -19,22 +19,10 @@ from typing import Any, ClassVar, Self, TypeVar
 import anyio
 import fsspec
 
-from stepflow.errors import ConfigError, PluginError, StepflowError
+from stepflow.errors import AccessDeniedError, ArtifactStoreError, BucketNotFoundError, ConfigError, PluginError
 from stepflow.interfaces.artifact_store import ArtifactStore
 
 T = TypeVar("T")
-
-
-class ArtifactStoreError(StepflowError):
-    """A remote artifact store failed or refused an operation; the message names store and URI."""
-
-
-class BucketNotFoundError(ArtifactStoreError):
-    """The bucket (container) an artifact store points at does not exist."""
-
-
-class AccessDeniedError(ArtifactStoreError, PermissionError):
-    """The credentials of an artifact store may not do what was asked."""
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -123,6 +111,20 @@ class FsspecArtifactStore(ArtifactStore):
         Holds endpoints, regions and such; credentials only when they came from the config.
         """
         return copy.deepcopy(self._options)
+
+    #: Storage options that are credentials (never in a job's visible description).
+    secret_options: ClassVar[frozenset[str]] = frozenset()
+    #: Storage options that only make sense on the runner's machine (profiles, local files).
+    host_only_options: ClassVar[frozenset[str]] = frozenset()
+
+    def job_storage_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(public, secret)`` options for jobs; host-only ones (a profile name) are left out."""
+        public, secret = {}, {}
+        for key, value in self.storage_options().items():
+            if key in self.host_only_options:
+                continue
+            (secret if key in self.secret_options else public)[key] = value
+        return public, secret
 
     @property
     def filesystem(self) -> fsspec.AbstractFileSystem:
@@ -239,6 +241,8 @@ class S3ArtifactStore(FsspecArtifactStore):
     schemes = ("s3",)
     sdk = "s3fs"
     image_requirements = ("s3fs",)
+    secret_options = frozenset({"key", "secret", "token"})
+    host_only_options = frozenset({"profile"})
 
     def _options_from(self, config: Any) -> dict[str, Any]:
         opts = {k: getattr(config, k, None) for k in ("endpoint_url", "key", "secret", "profile")}
@@ -255,6 +259,7 @@ class GCSArtifactStore(FsspecArtifactStore):
     schemes = ("gs", "gcs")
     sdk = "gcsfs"
     image_requirements = ("gcsfs",)
+    secret_options = frozenset({"token"})
 
     def _options_from(self, config: Any) -> dict[str, Any]:
         opts = {k: getattr(config, k, None) for k in ("project", "endpoint_url", "token")}
@@ -280,6 +285,7 @@ class AzureArtifactStore(FsspecArtifactStore):
     schemes = ("az", "abfs", "abfss")
     sdk = "adlfs"
     image_requirements = ("adlfs",)
+    secret_options = frozenset({"connection_string", "account_key", "sas_token", "credential"})
     bucket_word = "container"
 
     def _options_from(self, config: Any) -> dict[str, Any]:

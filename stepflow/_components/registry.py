@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from stepflow.interfaces.container_registry import ContainerRegistry
+from stepflow.remote._distribution import DistributionRegistry
 
 
-class DefaultContainerRegistry(ContainerRegistry):
-    """A registry at ``host[:port][/prefix]`` with optional username/password."""
+class DefaultContainerRegistry(DistributionRegistry):
+    """A registry at ``host[:port][/prefix]``, with optional username/password.
+
+    Without a username, ``docker login`` credentials (and credential helpers) are used when the
+    registry asks for them.
+    """
 
     flavor = "default"
 

@@ -175,11 +175,14 @@ def convert(value: Any, tp: Any) -> Any:
     raise ValueError(f"expected {_type_name(tp)}")
 
 
-def build(cls: type, values: Mapping[str, Any], *, what: str, partial_ok: bool = False) -> Any:
+def build(cls: type, values: Mapping[str, Any], *, what: str, partial_ok: bool = False,
+          keep_env_refs: bool = True) -> Any:
     """Validate ``values`` against ``cls`` and return an instance (raise one error for all problems).
 
     ``what`` names the thing being configured in messages, e.g. "step-operator 'sagemaker'
-    (flavor sagemaker)". ``{{env.VAR}}`` references are kept as they are (resolved later).
+    (flavor sagemaker)". ``{{env.VAR}}`` references are kept as they are (resolved later), unless
+    ``keep_env_refs`` is false: the values were resolved already (:func:`resolve_env_values`) and
+    every one is converted, even one whose text happens to look like a reference.
     """
     fields = {s.name: s for s in specs(cls)}
     problems = []
@@ -190,7 +193,7 @@ def build(cls: type, values: Mapping[str, Any], *, what: str, partial_ok: bool =
         if spec is None:
             problems.append(f"unknown option '{raw_key}'")
             continue
-        if isinstance(value, str) and _ENV_REF.search(value):
+        if keep_env_refs and isinstance(value, str) and _ENV_REF.search(value):
             kwargs[key] = value
             continue
         shown = REDACTED if spec.secret else repr(value)  # never echo a secret, even a bad one
@@ -235,20 +238,66 @@ def to_jsonable(instance: Any, only: set[str] | None = None) -> dict[str, Any]:
     return out
 
 
+def is_env_ref(value: Any) -> bool:
+    """Whether ``value`` is one whole ``{{env.VAR}}`` reference (not a secret: shown and stored as is)."""
+    return isinstance(value, str) and _ENV_REF.fullmatch(value.strip()) is not None
+
+
+def env_ref_names(value: Any) -> list[str]:
+    """The variables a value refers to with ``{{env.VAR}}`` (empty for other values)."""
+    return [m.group(1) for m in _ENV_REF.finditer(value)] if isinstance(value, str) else []
+
+
 def redact(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     """Replace secret values by a mask, keeping ``{{env.VAR}}`` references visible."""
     secret = {s.name for s in specs(cls) if s.secret}
     out = {}
     for k, v in values.items():
-        if k in secret and v not in (None, "") and not (isinstance(v, str) and _ENV_REF.fullmatch(v.strip())):
+        if k in secret and v not in (None, "") and not is_env_ref(v):
             out[k] = REDACTED
         else:
             out[k] = v
     return out
 
 
+def resolve_env_values(cls: type, values: Mapping[str, Any], *, what: str) -> dict[str, Any]:
+    """Return ``values`` (raw option values) with ``{{env.VAR}}`` references replaced by the variables.
+
+    Meant to run before :func:`build` (with ``keep_env_refs=False``), so that conversion and the
+    config class's validators check the real value rather than the reference.
+    """
+    fields = {s.name: s for s in specs(cls)}
+    out = dict(values)
+    problems = []
+    for key, value in values.items():
+        if not isinstance(value, str) or not _ENV_REF.search(value):
+            continue
+        missing = [n for n in env_ref_names(value) if n not in os.environ]
+        if missing:
+            refs = ", ".join("{{env." + m + "}}" for m in missing)
+            verb = "it is" if len(missing) == 1 else "they are"
+            problems.append(f"option '{key}' refers to {refs}, but {verb} not set in the environment")
+            continue
+        text = _ENV_REF.sub(lambda m: os.environ[m.group(1)], value)
+        spec = fields.get(normalize_key(key))
+        if spec is not None:
+            try:  # checked here to say where the bad value came from
+                convert(text, spec.type)
+            except (ValueError, TypeError) as exc:
+                problems.append(f"option '{key}' (from the environment) expects {spec.type_name}: {exc}")
+                continue
+        out[key] = text
+    if problems:
+        raise ConfigError(f"{what}: " + "; ".join(problems))
+    return out
+
+
 def resolve_env_refs(cls: type, instance: Any, *, what: str) -> Any:
-    """Return a copy of ``instance`` with ``{{env.VAR}}`` references replaced by their values."""
+    """Return a copy of ``instance`` with ``{{env.VAR}}`` references replaced by their values.
+
+    The config class's validators saw the references when ``instance`` was built; prefer
+    :func:`resolve_env_values` before :func:`build`, which lets them see the resolved values only.
+    """
     fields = {s.name: s for s in specs(cls)}
     changes: dict[str, Any] = {}
     problems = []

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from stepflow.errors import StepOutputUsageError
+from stepflow.resources import Resources
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -160,6 +161,7 @@ class Step(Generic[P, R]):
         "name",
         "output_names",
         "outputs_count",
+        "resources",
         "retries",
         "retry_backoff",
         "retry_delay",
@@ -186,6 +188,7 @@ class Step(Generic[P, R]):
         timeout: float | None = None,
         settings: Mapping[str, Mapping[str, Any]] | None = None,
         outputs: int | Sequence[str] | None = None,
+        resources: Resources | Mapping[str, Any] | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"@step needs a function, got {fn!r}")
@@ -202,6 +205,10 @@ class Step(Generic[P, R]):
         self.retry_on = retry_on
         self.timeout = timeout
         self.settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (settings or {}).items()}
+        try:
+            self.resources = Resources.coerce(dict(resources) if isinstance(resources, Mapping) else resources)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"@step {getattr(fn, '__name__', fn)!r}: {exc}") from None
         self.is_async = inspect.iscoroutinefunction(fn)
         self.output_names, self.outputs_count = _declared_outputs(fn, outputs)
         sig = inspect.signature(fn)
@@ -255,6 +262,7 @@ class Step(Generic[P, R]):
             "timeout": self.timeout,
             "settings": self.settings,
             "outputs": self.output_names if self.outputs_count else None,
+            "resources": self.resources,
         }
         if "custom_step_operator" in changes:
             changes["step_operator"] = changes.pop("custom_step_operator")
@@ -353,6 +361,7 @@ def step(
     timeout: float | None = None,
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     outputs: int | Sequence[str] | None = None,
+    resources: Resources | Mapping[str, Any] | None = None,
 ) -> Callable[[Callable[P, R]], Step[P, R]]: ...
 
 
@@ -364,7 +373,9 @@ def step(fn: Any = None, /, **options: Any) -> Any:
     (``retry_delay`` seconds, times ``retry_backoff`` per attempt, capped at
     ``retry_max_delay``, +/- ``retry_jitter`` fraction of random jitter) for exceptions in
     ``retry_on``; ``timeout`` seconds per attempt; ``settings`` per operator name or flavor;
-    ``outputs`` (a count or names) so a tuple return can be unpacked in the pipeline.
+    ``outputs`` (a count or names) so a tuple return can be unpacked in the pipeline;
+    ``resources`` (:class:`stepflow.Resources`: cpu, memory, gpu, gpu_type, disk) that every
+    operator honours.
     """
     if "custom_step_operator" in options:
         alias = options.pop("custom_step_operator")

@@ -98,7 +98,9 @@ def validate_for_operators(pipeline: Pipeline, operators: Mapping[str, StepOpera
                 options.build(settings_class, merged, what="")
             except ConfigError as exc:
                 problems.append(f"step '{node.name}': settings for '{name}'{exc}")
-        for problem in op.validate_settings(merged):
+        resources = node.step.resources  # passed only when set: operators written before it take one argument
+        found = op.validate_settings(merged, resources) if resources is not None else op.validate_settings(merged)
+        for problem in found:
             problems.append(f"step '{node.name}': settings for '{name}': {problem}")
         if op.requires_pickling:
             problems.extend(_pickling_problems(node))
@@ -183,7 +185,7 @@ def prepare_runner(
         fail_fast=fail_fast, max_threads=max_threads, check_outputs=check_outputs,
         stack=model.name, sinks=sinks, components=components, run_store=run_store,
         target=target if target is not None else _resumable_target(p), preloaded=preloaded,
-        cache_dir=client.store.home / "cache",
+        cache_dir=client.store.home / "cache", home=client.store.home, resumed=preloaded is not None,
     )
 
 
@@ -257,15 +259,13 @@ async def resume(run_id: str, *, event_bus: EventBus | None = None, **options: A
 
 def prepare_resume(run_id: str, *, event_bus: EventBus | None = None, **options: Any) -> Any:
     """Validate that ``run_id`` can be resumed and return a ready runner."""
-    import json
     import os
     import socket
 
-    from stepflow._cli.loader import load_target
+    from stepflow._engine.loader import load_target
     from stepflow._store.runs import RunStore
     from stepflow._store.sqlite import Store
     from stepflow.errors import StepflowError
-    from stepflow.remote._envelope import MAGIC
     from stepflow.remote._io import read_uri
 
     runs = RunStore(Store())
@@ -286,16 +286,16 @@ def prepare_resume(run_id: str, *, event_bus: EventBus | None = None, **options:
     if unknown:
         raise StepflowError(f"run {run_id}: the pipeline changed since the run started (steps "
                             f"{', '.join(unknown[:5])} no longer exist); start a new run instead")
-    preloaded: dict[str, Any] = {}
-    for s in stored:
-        if s.output_uri:
-            data = read_uri(s.output_uri)
-            if data.startswith(MAGIC):
-                raise StepflowError(f"unexpected envelope at {s.output_uri}")
-            import pickle
+    from stepflow._store import keys
+    from stepflow._store.outputs import load_outputs
+    from stepflow.remote._keys import stored_value_key
 
-            preloaded[s.step] = pickle.loads(data)
-    del json
+    home = runs.store.home
+
+    def derive(purpose: str) -> bytes:
+        return keys.derive(keys.master_key(home), purpose)
+
+    preloaded = load_outputs(runs, run_id, stored_value_key(derive), read_uri)
     return prepare_runner(pipeline, event_bus=event_bus, run_id=run_id, stack=record.stack, persist=True,
                           target=record.target, preloaded=preloaded, **options)
 

@@ -81,6 +81,8 @@ class Runner:
         target: str | None = None,
         preloaded: Mapping[str, Any] | None = None,
         cache_dir: Any = None,
+        home: Any = None,
+        resumed: bool = False,
     ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -97,6 +99,9 @@ class Runner:
         self.target = target
         self._preloaded = dict(preloaded or {})
         self._cache_dir = cache_dir
+        self._home = home
+        self.resumed = resumed
+        self._recorder: Any = None
         self._max = max_concurrency or 0
         limits: dict[str, int] = {}
         for name, op in operators.items():
@@ -149,11 +154,11 @@ class Runner:
         self._loop = loop
         self._done = asyncio.Event()
         self._limiter = anyio.CapacityLimiter(self._max_threads)
+        await self._attach_operators()  # a stack that cannot work fails here, before the run is recorded
         if self.run_store is not None:
             await self._open_run_store()
         for sink in self._sinks:  # the stack's sinks see this run only
             self.bus.add_sink(sink)
-        await self._attach_operators()
         started = time.time()
         self._emit(RunStarted, self.pipeline.name, len(self.pipeline.nodes),
                    _printable(self.pipeline.params), self.stack)
@@ -185,14 +190,7 @@ class Runner:
             if self.run_store is not None:
                 with contextlib.suppress(Exception):
                     await anyio.to_thread.run_sync(self.run_store.finish_run, self.run_id, result.status)
-            for op in self.operators.values():
-                with contextlib.suppress(Exception):  # closing must not hide the run's outcome
-                    await op.aclose()
-            for component in self.components.values():
-                closer = getattr(component, "aclose", None)
-                if closer is not None:
-                    with contextlib.suppress(Exception):
-                        await closer()
+            await self._close_operators()
             for sink in self._sinks:
                 if sink in self.bus.sinks:
                     self.bus.remove_sink(sink)
@@ -209,27 +207,56 @@ class Runner:
         params = dict(self.pipeline.params)
         await anyio.to_thread.run_sync(store.start_run, self.run_id, self.pipeline.name, self.target, params,
                                        self.stack, len(self.pipeline.nodes))
-        if self._preloaded:  # a resumed run continues its event sequence
+        if self._preloaded or self.resumed:  # a resumed run continues its event sequence
             self._seq = await anyio.to_thread.run_sync(store.last_seq, self.run_id)
         self._sinks.insert(0, RunStoreSink(store))
+        from stepflow._store.outputs import OutputRecorder
+        from stepflow.remote._keys import stored_value_key
+
+        self._recorder = OutputRecorder(store, self.run_id, stored_value_key(self.derive_key),
+                                        self.components.get("artifact_store"))
 
     async def _attach_operators(self) -> None:
-        from stepflow.remote import RunResources
+        """Hand every operator the run's resources, then let each check it can work.
+
+        The checks run before any step starts, so a misconfigured stack fails the run at once
+        with the operator's own message (the CLI exits 2), not inside the first remote step.
+        """
+        from pathlib import Path
+
+        from stepflow.interfaces.operator import RunResources
 
         def emit(cls: Any, **fields: Any) -> None:
             if self.bus.active:
                 self._seq += 1
                 self.bus.publish(cls(run_id=self.run_id, seq=self._seq, ts=time.time(), **fields))
 
+        home = Path(self._home) if self._home is not None else Path(self._cache_dir or ".").parent
         resources = RunResources(
             run_id=self.run_id, stack=self.stack,
             artifact_store=self.components.get("artifact_store"),
             container_registry=self.components.get("container_registry"),
             image_builder=self.components.get("image_builder"),
-            run_store=self.run_store, emit=emit, cache_dir=self._cache_dir,
+            run_store=self.run_store, emit=emit, cache_dir=self._cache_dir, home=home,
+            derive_key=self.derive_key, resumed=self.resumed,
         )
         for op in self.operators.values():
             await op.attach(resources)
+        checks = [op.prepare() for op in self.operators.values() if type(op).prepare is not StepOperator.prepare]
+        errors = [e for e in await asyncio.gather(*checks, return_exceptions=True) if isinstance(e, BaseException)]
+        if errors:
+            await self._close_operators()
+            raise errors[0]
+
+    async def _close_operators(self) -> None:
+        for op in self.operators.values():
+            with contextlib.suppress(Exception):  # closing must not hide the run's outcome
+                await op.aclose()
+        for component in self.components.values():
+            closer = getattr(component, "aclose", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
 
     def _apply_preloaded(self) -> None:
         """Resumed run: steps whose outputs were stored count as done and are not re-run."""
@@ -243,18 +270,14 @@ class Runner:
             for c in self.pipeline.children[self.pipeline.by_name[name]]:
                 self._remaining[c] -= 1
 
-    async def _persist_output(self, i: int, value: Any) -> None:
-        """Store a step's output so a resumed run can reuse it instead of running it again."""
-        store = self.components.get("artifact_store")
-        if store is None:
-            return
-        import cloudpickle
+    def derive_key(self, purpose: str) -> bytes:
+        """A key for ``purpose``, derived from the home's master key (see stepflow._store.keys)."""
+        from pathlib import Path
 
-        name = self.pipeline.nodes[i].name
-        uri = f"{store.root.rstrip('/')}/runs/{self.run_id}/{name}/output.pkl"
-        data = await anyio.to_thread.run_sync(cloudpickle.dumps, value)
-        await store.write_bytes(uri, data)
-        await anyio.to_thread.run_sync(self.run_store.set_output, self.run_id, name, uri)
+        from stepflow._store import keys
+
+        home = Path(self._home) if self._home is not None else Path(self._cache_dir or ".").parent
+        return keys.derive(keys.master_key(home), purpose)
 
     def cancel(self) -> None:
         """Ask the run to stop: running steps are cancelled, pending ones never start."""
@@ -366,8 +389,8 @@ class Runner:
         res.started_at = time.time()
         try:
             value = await self._attempts(node, res, op)
-            if self.run_store is not None:
-                await self._persist_output(i, value)
+            if self._recorder is not None:  # durable before any dependent starts
+                await self._recorder.record(node.name, value)
         except (asyncio.CancelledError, JobStoppedError) as exc:
             # JobStoppedError: stopped on its backend by someone else, which is a cancellation too.
             res.finished_at = time.time()
@@ -466,7 +489,7 @@ class Runner:
         settings = _settings_for(step.settings, op, operator.flavor)
         return await operator.launch(Invocation(
             self.run_id, node.name, attempt, step.fn, tuple(args), dict(kwargs or {}), settings,
-            step.timeout, step.is_async, self.emit_for(node.name), self.pipeline.name,
+            step.timeout, step.is_async, self.emit_for(node.name), self.pipeline.name, step.resources,
         ))
 
     def _on_failure(self, i: int, node: StepNode, res: StepResult, exc: BaseException) -> None:

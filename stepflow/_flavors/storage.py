@@ -10,16 +10,8 @@ from typing import Any, ClassVar
 
 import attrs
 
-from stepflow.errors import ConfigError
+from stepflow.errors import StorePathError
 from stepflow.interfaces.flavor import Flavor, option
-
-
-class StorePathError(ConfigError, ValueError):
-    """A remote artifact store's path has the wrong scheme or no bucket.
-
-    A ValueError too, so config validation reports it with the component's name; raised as is
-    when an ``{{env.VAR}}`` reference resolves to a bad path at creation time.
-    """
 
 
 def _check_path(instance: _RemoteStoreConfig, attribute: Any, value: str) -> None:

@@ -11,6 +11,8 @@ import attrs
 from stepflow._config import options
 from stepflow._plugins import registry
 from stepflow._plugins.registry import KIND_LABELS, FlavorEntry, kind_from_label
+from stepflow._store import keys
+from stepflow._store import secrets as secret_store
 from stepflow._store.sqlite import Store
 from stepflow.errors import ConfigError, NotFoundError, PluginError, StoreError
 from stepflow.interfaces.flavor import ENTRY_POINT_GROUPS, Flavor
@@ -25,7 +27,11 @@ MULTI_KINDS = ("step_operator", "event_sink")
 
 @attrs.frozen
 class ComponentModel:
-    """A registered component: kind, name, flavor and the options given (not defaults)."""
+    """A registered component: kind, name, flavor and the options given (not defaults).
+
+    ``config`` is the stored form: secret values are sealed (``enc:v1:...``) until
+    :meth:`Client.instantiate` opens them; ``{{env.VAR}}`` references stay as typed.
+    """
 
     kind: str
     name: str
@@ -85,7 +91,13 @@ class Client:
     def _bootstrap(self) -> None:
         # Check with a read first: once bootstrapped, read-only calls (list, describe, run) must
         # not take the write lock, or they would queue behind (and time out on) any writer.
-        if self.store.get_meta("bootstrapped") is not None:
+        state = {r["key"]: r["value"] for r in self.store.read(
+            "SELECT key, value FROM meta WHERE key IN ('bootstrapped', ?)", (secret_store.MIGRATION_KEY,))}
+        if secret_store.migration_pending(state.get(secret_store.MIGRATION_KEY)):
+            # Secrets stored in plain text by an older version: sealed on the first open that can
+            # load their flavors (which say what is secret); a broken plugin only delays its own.
+            secret_store.encrypt_plaintext(self.store, self._secret_options_of)
+        if "bootstrapped" in state:
             self._bootstrapped = True
             return
         now = Store.now()
@@ -116,6 +128,13 @@ class Client:
         """Load one flavor (imports its light module)."""
         return registry.load(self._kind(kind), name)
 
+    def _secret_options_of(self, kind: str, flavor: str) -> set[str]:
+        return _secret_names(self.flavor(kind, flavor))
+
+    def key_location(self) -> str:
+        """Where the master key sealing this home's component secrets is kept (a path, the keyring ...)."""
+        return keys.key_location(self.store.home)
+
     # -- components --------------------------------------------------------------------
     def register_component(self, kind: str, name: str, flavor: str,
                            config: Mapping[str, Any] | None = None) -> ComponentModel:
@@ -126,7 +145,8 @@ class Client:
         given = {options.normalize_key(k): v for k, v in (config or {}).items()}
         instance = options.build(fl.config_class, given,
                                  what=f"{KIND_LABELS[kind]} '{name}' (flavor {flavor})")
-        stored = options.to_jsonable(instance, only=set(given))
+        stored = secret_store.seal(self.store.home, kind, name, options.to_jsonable(instance, only=set(given)),
+                                   _secret_names(fl))
         now = Store.now()
         with self._db().write() as db:
             if db.execute("SELECT 1 FROM components WHERE kind = ? AND name = ?", (kind, name)).fetchone():
@@ -159,13 +179,23 @@ class Client:
         return [_component(r) for r in rows]
 
     def update_component(self, kind: str, name: str, config: Mapping[str, Any]) -> ComponentModel:
-        """Change some options of a component (validated with the others it already has)."""
+        """Change some options of a component (validated with the others it already has).
+
+        Sealed secrets not being changed are stored again exactly as they were; new secret values
+        are sealed. The kept ones are opened only to validate the whole config.
+        """
         current = self.get_component(kind, name)
         fl = self.flavor(current.kind, current.flavor)
-        merged = {**current.config, **{options.normalize_key(k): v for k, v in config.items()}}
+        changes = {options.normalize_key(k): v for k, v in config.items()}
+        kept = {k: v for k, v in current.config.items() if k not in changes and secret_store.is_encrypted(v)}
+        opened, failed = secret_store.reveal(self.store.home, current.kind, name, current.config, only=set(kept))
+        if failed:
+            raise self._undecryptable(current, failed, in_update=True)
+        merged = {**opened, **changes}
         instance = options.build(fl.config_class, merged,
                                  what=f"{current.label} (flavor {current.flavor})")
-        stored = options.to_jsonable(instance, only=set(merged))
+        stored = secret_store.seal(self.store.home, current.kind, name,
+                                   options.to_jsonable(instance, only=set(merged)), _secret_names(fl), kept)
         now = Store.now()
         with self._db().write() as db:
             db.execute("UPDATE components SET config = ?, updated_at = ? WHERE kind = ? AND name = ?",
@@ -198,19 +228,60 @@ class Client:
             fl = self.flavor(comp.kind, comp.flavor)
         except (PluginError, ConfigError) as exc:
             out["config"] = {k: options.REDACTED for k in comp.config}
+            out["secrets"] = self._secret_storage(comp, [k for k, v in comp.config.items()
+                                                         if secret_store.is_encrypted(v)])
             out["error"] = str(exc)
             return out
         full = {s.name: comp.config.get(s.name, s.default) for s in options.specs(fl.config_class)}
         out["config"] = options.redact(fl.config_class, full)
+        out["secrets"] = self._secret_storage(comp, [s.name for s in options.specs(fl.config_class) if s.secret])
         return out
 
+    def _secret_storage(self, comp: ComponentModel, names: Iterable[str]) -> dict[str, str]:
+        """How each secret option is kept, for ``describe`` (never the value)."""
+        out: dict[str, str] = {}
+        for option in names:
+            value = comp.config.get(option)
+            if secret_store.is_encrypted(value):
+                out[option] = f"encrypted (key: {self.key_location()})"
+            elif isinstance(value, str) and options.is_env_ref(value):
+                out[option] = f"environment reference {value.strip()}"
+            elif value in (None, ""):
+                out[option] = "not set"
+            else:  # left by an older version whose flavor could not be loaded since
+                out[option] = (f"plain text: encrypt it by setting it again (`stepflow {KIND_LABELS[comp.kind]} "
+                               f"update {comp.name} --{option}=...`)")
+        return out
+
+    def _undecryptable(self, comp: ComponentModel, failed: Sequence[str], in_update: bool = False) -> ConfigError:
+        label = KIND_LABELS[comp.kind]
+        many = len(failed) > 1
+        names = ", ".join(f"'{o}'" for o in failed)
+        again = " ".join(f"--{o}=..." for o in failed)
+        how = "give them again in this update" if in_update and many else \
+            "give it again in this update" if in_update else "set them again" if many else "set it again"
+        return ConfigError(
+            f"{comp.label} (flavor {comp.flavor}): cannot decrypt secret option{'s' if many else ''} {names}: "
+            f"the master key at {self.key_location()} does not match the key {'they were' if many else 'it was'} "
+            f"encrypted with (the key was replaced or lost, or the store was copied without it). Restore the "
+            f"original master key, or {how}: `stepflow {label} update {comp.name} {again}` (a value written as "
+            "'{{env.VAR}}' is read from the environment instead of being stored)"
+        )
+
     def instantiate(self, kind: str, name: str) -> Any:
-        """Create the live component: load its flavor, resolve ``{{env.VAR}}``, construct it."""
+        """Create the live component: load its flavor, open its secrets, resolve ``{{env.VAR}}``, construct it.
+
+        References are resolved before the config is built, so conversion and the config class's
+        validators check the values the component will use, not the references.
+        """
         comp = self.get_component(kind, name)
         fl = self.flavor(comp.kind, comp.flavor)
         what = f"{comp.label} (flavor {comp.flavor})"
-        instance = options.build(fl.config_class, comp.config, what=what)
-        instance = options.resolve_env_refs(fl.config_class, instance, what=what)
+        values, failed = secret_store.reveal(self.store.home, comp.kind, comp.name, comp.config)
+        if failed:
+            raise self._undecryptable(comp, failed)
+        values = options.resolve_env_values(fl.config_class, values, what=what)
+        instance = options.build(fl.config_class, values, what=what, keep_env_refs=False)
         try:
             component = fl.create(comp.name, instance)
         except (ConfigError, PluginError):
@@ -373,6 +444,10 @@ def _check_name(name: str, what: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name or ""):
         raise ConfigError(f"invalid {what} name {name!r}: use 1-63 letters, digits, '_', '-' or '.', "
                           "starting with a letter or digit")
+
+
+def _secret_names(flavor: Flavor) -> set[str]:
+    return {s.name for s in options.specs(flavor.config_class) if s.secret}
 
 
 def redacted_config(kind: str, flavor: Flavor, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import time
 from collections.abc import Sequence
@@ -72,6 +71,8 @@ class JobRecord:
     payload_uri: str | None
     status: str | None
     submitted_at: float
+    #: What the operator needs to submit the same job again (JSON, no secrets); None for old records.
+    spec: str | None = None
 
 
 def _json(value: Any) -> str:
@@ -125,16 +126,36 @@ class RunStore:
                            r["finished_at"], json.loads(r["error"]) if r["error"] else None, r["output_uri"])
                 for r in rows]
 
-    def set_output(self, run_id: str, step: str, uri: str) -> None:
+    def set_outputs(self, run_id: str, rows: Sequence[tuple[str, bytes | None, str | None]]) -> None:
+        """Record succeeded steps' outputs ``(step, inline envelope, or artifact URI)`` in one transaction."""
         with self.store.write() as db:
-            db.execute("UPDATE steps SET output_uri = ? WHERE run_id = ? AND step = ?", (uri, run_id, step))
+            db.executemany(
+                "INSERT INTO steps (run_id, step, status, output, output_uri) VALUES (?, ?, 'succeeded', ?, ?) "
+                "ON CONFLICT(run_id, step) DO UPDATE SET status = 'succeeded', output = excluded.output, "
+                "output_uri = excluded.output_uri",
+                [(run_id, step, inline, uri) for step, inline, uri in rows])
+
+    def outputs(self, run_id: str) -> list[tuple[str, bytes | None, str | None]]:
+        """``(step, inline envelope, artifact URI)`` of every step whose output was recorded."""
+        rows = self.store.read("SELECT step, output, output_uri FROM steps WHERE run_id = ? AND "
+                               "(output IS NOT NULL OR output_uri IS NOT NULL)", (run_id,))
+        return [(r["step"], r["output"], r["output_uri"]) for r in rows]
 
     # -- jobs --------------------------------------------------------------------------
     def record_job(self, run_id: str, step: str, attempt: int, operator: str, job_name: str, job_id: str,
-                   payload_uri: str | None) -> None:
+                   payload_uri: str | None, spec: str | None = None) -> None:
+        """Record a job, before it is submitted (``job_id`` empty, status 'submitting') or after."""
+        status = "submitted" if job_id else "submitting"
         with self.store.write() as db:
-            db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, 'submitted', ?)",
-                       (run_id, step, attempt, operator, job_name, job_id, payload_uri, time.time()))
+            db.execute("INSERT OR REPLACE INTO jobs (run_id, step, attempt, operator, job_name, job_id, payload_uri, "
+                       "status, submitted_at, spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (run_id, step, attempt, operator, job_name, job_id, payload_uri, status, time.time(), spec))
+
+    def set_job_id(self, run_id: str, step: str, attempt: int, job_id: str) -> None:
+        """The backend accepted the job: its id, status 'submitted'."""
+        with self.store.write() as db:
+            db.execute("UPDATE jobs SET job_id = ?, status = CASE WHEN status = 'submitting' THEN 'submitted' "
+                       "ELSE status END WHERE run_id = ? AND step = ? AND attempt = ?", (job_id, run_id, step, attempt))
 
     def update_job(self, run_id: str, step: str, attempt: int, status: str) -> None:
         with self.store.write() as db:
@@ -184,18 +205,6 @@ class RunStore:
         return [{"type": r["type"], "seq": r["seq"], "ts": r["ts"], "step": r["step"], **json.loads(r["data"])}
                 for r in rows]
 
-    # -- payload keys ------------------------------------------------------------------
-    def payload_key(self, artifact_store: str) -> bytes:
-        """The HMAC key for payloads in ``artifact_store`` (created on first use)."""
-        name = f"payload-key:{artifact_store}"
-        rows = self.store.read("SELECT value FROM secrets WHERE name = ?", (name,))
-        if rows:
-            return bytes.fromhex(rows[0]["value"])
-        with self.store.write() as db:
-            db.execute("INSERT OR IGNORE INTO secrets VALUES (?, ?)", (name, secrets.token_hex(32)))
-        rows = self.store.read("SELECT value FROM secrets WHERE name = ?", (name,))
-        return bytes.fromhex(rows[0]["value"])
-
 
 def _step_update(ev: Event) -> tuple[str, tuple[Any, ...]] | None:
     if isinstance(ev, StepQueued):
@@ -231,4 +240,4 @@ def _run(r: Any) -> RunRecord:
 
 def _job(r: Any) -> JobRecord:
     return JobRecord(r["step"], r["attempt"], r["operator"], r["job_name"], r["job_id"], r["payload_uri"],
-                     r["status"], r["submitted_at"])
+                     r["status"], r["submitted_at"], r["spec"])

@@ -54,6 +54,25 @@ MIGRATIONS: list[str] = [
     CREATE INDEX events_by_step ON events (run_id, step, type);
     CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 3: secrets at rest. Payload signing keys now derive from the master key (kept outside this
+    # file): drop the plain-text ones. Secret option values stored in plain text are encrypted by
+    # a Python pass (stepflow._store.secrets.encrypt_plaintext: it needs the flavors to know which
+    # options are secret), run lazily when a Client opens the store; this marks it as due for a
+    # store holding anything secret (it also scrubs the deleted keys' old pages from the file).
+    """
+    INSERT OR REPLACE INTO meta (key, value) VALUES ('secrets_at_rest',
+        CASE WHEN EXISTS (SELECT 1 FROM components WHERE config != '{}') OR EXISTS (SELECT 1 FROM secrets)
+        THEN '*' ELSE 'done' END);
+    DELETE FROM secrets WHERE name LIKE 'payload-key:%';
+    """,
+    # 4: the job spec recorded before submission (resume re-submits it idempotently), run
+    # liveness (heartbeat, process identity), signed inline outputs of steps
+    """
+    ALTER TABLE jobs ADD COLUMN spec TEXT;
+    ALTER TABLE runs ADD COLUMN heartbeat REAL;
+    ALTER TABLE runs ADD COLUMN process TEXT;
+    ALTER TABLE steps ADD COLUMN output BLOB;
+    """,
 ]
 
 
@@ -88,6 +107,9 @@ class Store:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            # Deleted or overwritten content is zeroed, not left in free space: the store has held
+            # secrets in plain text (older versions) and must not keep them once replaced.
+            conn.execute("PRAGMA secure_delete = ON")
             self._conn = conn
             self._migrate(conn)
         except sqlite3.DatabaseError as exc:
@@ -136,6 +158,31 @@ class Store:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database file and truncate it; False when readers kept it busy."""
+        with self.lock:
+            conn = self._connect()
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                raise self._explain(exc) from None
+            return not busy
+
+    def scrub(self) -> bool:
+        """Rewrite the file without free space (VACUUM), then empty the WAL.
+
+        For content deleted before ``secure_delete`` was on (older versions): it may linger in
+        free pages or free space inside pages, which only a rebuild of the file drops.
+        False when other connections kept the WAL from being emptied.
+        """
+        with self.lock:
+            conn = self._connect()
+            try:
+                conn.execute("VACUUM")
+            except sqlite3.DatabaseError as exc:
+                raise self._explain(exc) from None
+        return self.checkpoint()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:

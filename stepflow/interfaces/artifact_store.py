@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class ArtifactStore(abc.ABC):
@@ -33,3 +33,12 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     async def exists(self, uri: str) -> bool:
         """Whether ``uri`` exists."""
+
+    def job_storage_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What a job needs to reach this store: ``(public, secret)`` fsspec storage options.
+
+        Public options (endpoints, regions) may appear in a job's description; secret ones
+        (keys, tokens, connection strings) reach a job only through a private channel, or not
+        at all when the job's own identity grants access.
+        """
+        return {}, {}

@@ -5,11 +5,16 @@ from __future__ import annotations
 import abc
 from typing import ClassVar
 
-from stepflow.errors import StepflowError
+from stepflow.errors import RegistryError
 
 
 class ContainerRegistry(abc.ABC):
-    """A registry reachable by the image builder (push) and the compute backend (pull)."""
+    """A registry reachable by the image builder (push) and the compute backend (pull).
+
+    Implementations on the Docker/OCI distribution API subclass
+    :class:`stepflow.remote.DistributionRegistry`, which speaks the API (and Docker's
+    authentication) for them.
+    """
 
     flavor: ClassVar[str] = ""
     name: str = ""
@@ -27,18 +32,12 @@ class ContainerRegistry(abc.ABC):
         """Full pullable reference of ``repository:tag`` in this registry."""
         return f"{self.uri}/{repository}:{tag}"
 
+    @abc.abstractmethod
     async def has_image(self, repository: str, tag: str) -> bool:
-        """Ask the registry (Docker/OCI distribution API v2) whether ``repository:tag`` exists."""
-        import anyio
+        """Whether ``repository:tag`` exists in the registry."""
 
-        from stepflow._components.registry_api import head_manifest
+    async def check(self, repository: str, *, push: bool = True) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`~stepflow.errors.RegistryError` unless the registry answers and accepts the credentials."""
 
-        creds = await self.credentials()
-        return await anyio.to_thread.run_sync(head_manifest, self.uri, repository, tag, creds)
 
-class RegistryError(StepflowError):
-    """The registry could not be reached or refused a request."""
-
-    def __init__(self, uri: str, detail: str) -> None:
-        super().__init__(f"container registry {uri}: {detail}")
-        self.uri = uri
+__all__ = ["ContainerRegistry", "RegistryError"]

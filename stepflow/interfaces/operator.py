@@ -4,11 +4,38 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
 
 from stepflow.events import Event
+from stepflow.interfaces.artifact_store import ArtifactStore
+from stepflow.interfaces.container_registry import ContainerRegistry
+from stepflow.interfaces.image_builder import ImageBuilder
+from stepflow.resources import Resources
+
+
+@attrs.frozen
+class RunResources:
+    """What a run hands its operators: the stack's live components, the run store, the keys.
+
+    ``emit(EventClass, **fields)`` publishes a run-level event. ``derive_key(purpose)`` returns a
+    32-byte key derived from the home's master key for that purpose only. ``resumed`` is true
+    when the run continues an interrupted one (jobs may already exist on their backends).
+    """
+
+    run_id: str
+    stack: str | None
+    artifact_store: ArtifactStore | None
+    container_registry: ContainerRegistry | None
+    image_builder: ImageBuilder | None
+    run_store: Any
+    emit: Callable[..., None]
+    cache_dir: Path
+    home: Path
+    derive_key: Callable[[str], bytes]
+    resumed: bool = False
 
 
 @attrs.frozen(slots=True)
@@ -32,6 +59,7 @@ class Invocation:
     is_async: bool
     emit: Callable[..., None]
     pipeline: str = ""
+    resources: Resources | None = None
 
 
 class StepOperator(abc.ABC):
@@ -58,15 +86,18 @@ class StepOperator(abc.ABC):
     async def launch(self, invocation: Invocation) -> Any:
         """Run one attempt of a step and return its output."""
 
-    async def attach(self, resources: Any) -> None:  # noqa: B027 - optional hook
-        """Receive the run's resources once, before any launch.
+    async def attach(self, resources: RunResources) -> None:  # noqa: B027 - optional hook
+        """Receive the run's resources once, before :meth:`prepare` and any launch."""
 
-        ``resources`` is a :class:`stepflow.remote.RunResources`: the run id, the stack's artifact
-        store, container registry and image builder, and the run store.
+    async def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Check, once per run and before any step starts, that this operator can work.
+
+        Raise :class:`stepflow.errors.ConfigError` (or another StepflowError) naming what is
+        wrong and how to fix it: the run then does not start, and the CLI exits with status 2.
         """
 
-    def validate_settings(self, settings: Mapping[str, Any]) -> list[str]:
-        """Return problems with a step's ``settings`` for this operator (empty when valid)."""
+    def validate_settings(self, settings: Mapping[str, Any], resources: Resources | None = None) -> list[str]:
+        """Problems with one step's ``settings`` and ``resources`` for this operator (empty when valid)."""
         return []
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
@@ -74,4 +105,4 @@ class StepOperator(abc.ABC):
 
 
 EventEmitter = Callable[..., None]
-__all__ = ["Event", "EventEmitter", "Invocation", "StepOperator"]
+__all__ = ["Event", "EventEmitter", "Invocation", "RunResources", "StepOperator"]

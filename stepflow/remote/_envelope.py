@@ -1,9 +1,10 @@
 """Signed, versioned envelopes for step payloads (runner -> job) and outputs (job -> runner).
 
-Wire format, chosen so nothing is unpickled before it is authenticated::
+Who holds which key is the business of :mod:`stepflow.remote._keys`. Wire format, chosen so
+nothing is unpickled before it is authenticated::
 
     line 1  STEPFLOW-ENVELOPE 1
-    line 2  {json header: kind, format, python, cloudpickle, run_id, step, attempt}
+    line 2  {json header: kind, format, python, cloudpickle, run_id, step, attempt, job}
     line 3  hex HMAC-SHA256 over the two lines above and the body
     rest    cloudpickle body
 
@@ -26,21 +27,12 @@ from typing import Any
 
 import attrs
 
-from stepflow.errors import StepflowError
+from stepflow.errors import PayloadError, VersionMismatchError
 
 MAGIC = b"STEPFLOW-ENVELOPE 1\n"
 FORMAT = 1
-KEY_ENV = "STEPFLOW_PAYLOAD_KEY"
 #: Arguments whose pickle is bigger than this are stored as separate artifacts.
 REF_THRESHOLD = 256 * 1024
-
-
-class PayloadError(StepflowError):
-    """An envelope could not be used (tampered, wrong key, truncated)."""
-
-
-class VersionMismatchError(PayloadError):
-    """The envelope was written by another Python or cloudpickle version."""
 
 
 def _cloudpickle_version() -> str:
@@ -98,23 +90,32 @@ def _split(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     return MAGIC, head + b"\n", mac, body
 
 
-def decode(data: bytes, key: bytes, *, kind: str) -> tuple[dict[str, Any], Any]:
-    """Verify and unpickle an envelope; return ``(header, body object)``.
+def verify(data: bytes, key: bytes, *, kind: str, expect: dict[str, Any] | None = None) -> tuple[dict[str, Any], bytes]:
+    """Check an envelope's signature, kind and header fields; return ``(header, pickled body)``.
 
-    Raises PayloadError when the signature does not match (tampered, or signed with another
-    key) and VersionMismatchError when Python or cloudpickle differ in a way that breaks
-    unpickling.
+    Nothing is unpickled. ``expect`` maps header fields to the values they must have (the run,
+    step, attempt and job an output must belong to), so an envelope cannot be replayed
+    elsewhere.
     """
     magic, head, mac, body = _split(data)
     expected = sign(key, magic, head, body)
     if not hmac.compare_digest(expected.encode(), mac.strip()):
         raise PayloadError(
-            f"{kind} signature mismatch: the envelope was modified after it was written or signed "
-            f"with another key ({KEY_ENV}); refusing to unpickle it, nothing was executed"
+            f"{kind} signature mismatch: the envelope was modified after it was written, or signed with "
+            "another key; refusing to unpickle it, nothing was executed"
         )
-    header = json.loads(head)
+    header: dict[str, Any] = json.loads(head)
     if header.get("kind") != kind:
-        raise PayloadError(f"expected a {kind} envelope, got {header.get('kind')!r}")
+        raise PayloadError(f"expected a {kind} envelope, got {header.get('kind')!r}; refusing to load it")
+    for field, value in (expect or {}).items():
+        if header.get(field) != value:
+            raise PayloadError(f"{kind} envelope belongs to {field} {header.get(field)!r}, not {value!r}: "
+                               "refusing to load it, nothing was executed")
+    return header, body
+
+
+def check_versions(header: dict[str, Any], kind: str) -> None:
+    """VersionMismatchError when the envelope's format, Python or cloudpickle cannot load here."""
     if header.get("format") != FORMAT:
         raise VersionMismatchError(f"{kind} envelope format {header.get('format')} is not supported by this "
                                    f"stepflow (format {FORMAT}); use the same stepflow version on both sides")
@@ -132,6 +133,17 @@ def decode(data: bytes, key: bytes, *, kind: str) -> tuple[dict[str, Any], Any]:
             f"{kind} was written with cloudpickle {theirs_cp} but this process has cloudpickle "
             f"{ours_cp}; install the same version on both sides"
         )
+
+
+def decode(data: bytes, key: bytes, *, kind: str, expect: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """Verify, then unpickle an envelope; return ``(header, body object)``.
+
+    Raises PayloadError when the signature does not match (tampered, or signed with another
+    key) or the header names another run/step/job than ``expect``, and VersionMismatchError
+    when Python or cloudpickle differ in a way that breaks unpickling.
+    """
+    header, body = verify(data, key, kind=kind, expect=expect)
+    check_versions(header, kind)
     return header, pickle.loads(body)
 
 

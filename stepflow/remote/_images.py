@@ -28,9 +28,8 @@ import urllib.request
 import uuid
 import zipfile
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from fnmatch import fnmatchcase
 from importlib import metadata as md
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -42,19 +41,14 @@ from stepflow.errors import ImageBuildError
 from stepflow.events import ImageBuildFinished, ImageBuildStarted, ImagePushed, LogLine
 from stepflow.interfaces.container_registry import ContainerRegistry, RegistryError
 from stepflow.interfaces.image_builder import ImageBuilder
+from stepflow.remote._context import ContextListing, list_context
 
-__all__ = ["DEFAULT_EXCLUDES", "ImageManager", "ImageSpec", "ImageStats"]
+__all__ = ["ImageManager", "ImageSpec", "ImageStats"]
 
 WHEEL_DIR = "/opt/stepflow/wheels"
 PROJECT_DIR = "/opt/stepflow/project"
 #: Bumped when the image layout changes, so old tags are not mistaken for new ones.
 _LAYOUT = "stepflow-image/1"
-#: Never copied into an image nor hashed (gitignore-like patterns, see ``.stepflowignore``).
-DEFAULT_EXCLUDES: tuple[str, ...] = (
-    ".git", ".hg", ".svn", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
-    ".ruff_cache", ".tox", ".nox", ".ipynb_checkpoints", "node_modules", "dist", "build", "*.egg-info",
-    ".DS_Store",
-)
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: One path component of an image name (Docker's reference grammar).
 _NAME_PART = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
@@ -96,6 +90,8 @@ class ImageSpec:
     repository: str = "stepflow-steps"
     #: ``ENV`` lines baked into the image (a dict is accepted too).
     env: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_env_pairs)
+    #: OS/architecture the image runs on; the wheels shipped are chosen for it.
+    platform: str = "linux/amd64"
 
 
 @attrs.define
@@ -265,89 +261,6 @@ def resolve_closure(requirements: Iterable[str]) -> tuple[list[_Dist], list[str]
 
 
 # ------------------------------------------------------------------------------------ file trees
-@attrs.frozen
-class _Rule:
-    pattern: str
-    negate: bool
-    dir_only: bool
-    anchored: bool
-
-    def matches(self, rel: str, is_dir: bool) -> bool:
-        if self.dir_only and not is_dir:
-            return False
-        if self.anchored:
-            return fnmatchcase(rel, self.pattern) or (
-                self.pattern.startswith("**/") and fnmatchcase(rel, self.pattern[3:]))
-        return fnmatchcase(rel.rsplit("/", 1)[-1], self.pattern)
-
-
-def parse_ignore(lines: Iterable[str]) -> list[_Rule]:
-    """Parse gitignore-like rules; the last matching rule wins.
-
-    Globs match a name at any depth; ``dir/`` matches directories only; ``/x`` or ``a/b`` are
-    anchored at the root; ``!pattern`` re-includes.
-    """
-    rules = []
-    for raw in lines:
-        line = raw.rstrip("\n").rstrip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        if negate:
-            line = line[1:]
-        dir_only = line.endswith("/")
-        line = line.rstrip("/")
-        anchored = "/" in line
-        line = line.lstrip("/")
-        if line:
-            rules.append(_Rule(line, negate, dir_only, anchored))
-    return rules
-
-
-def _rules_for(root: Path, ignore_files: tuple[str, ...]) -> list[_Rule]:
-    rules = parse_ignore(DEFAULT_EXCLUDES)
-    for name in ignore_files:
-        path = root / name
-        if path.is_file():
-            rules.extend(parse_ignore(path.read_text(errors="replace").splitlines()))
-    return rules
-
-
-def _ignored(rules: list[_Rule], rel: str, is_dir: bool) -> bool:
-    result = False
-    for rule in rules:
-        if rule.matches(rel, is_dir):
-            result = not rule.negate
-    return result
-
-
-def walk_tree(root: Path, *, ignore_files: tuple[str, ...] = (".stepflowignore",),
-              skip: Iterable[Path] = ()) -> Iterator[tuple[str, Path]]:
-    """(posix relative path, path) of every file under ``root`` not excluded, sorted.
-
-    Symlinked files are followed; symlinked directories are not entered.
-    """
-    rules = _rules_for(root, ignore_files)
-    skipped = {os.path.realpath(p) for p in skip}
-    for current, dirnames, filenames in os.walk(root):
-        base = Path(current)
-        rel_base = base.relative_to(root).as_posix()
-        prefix = "" if rel_base == "." else rel_base + "/"
-        keep = []
-        for d in sorted(dirnames):
-            full = base / d
-            if (full.is_symlink() or _ignored(rules, prefix + d, True)
-                    or os.path.realpath(full) in skipped):
-                continue
-            keep.append(d)
-        dirnames[:] = keep
-        for f in sorted(filenames):
-            full = base / f
-            if _ignored(rules, prefix + f, False) or not full.is_file():
-                continue
-            yield prefix + f, full
-
-
 def _file_sha(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -356,36 +269,33 @@ def _file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def tree_hash(root: Path, *, skip: Iterable[Path] = ()) -> str:
-    """Content hash of a source tree (honours .gitignore and .stepflowignore at its root)."""
+def tree_hash(root: Path, *, home: Path | None = None) -> str:
+    """Content hash of a source tree: the files that would ship from it (see :mod:`._context`)."""
     h = hashlib.sha256()
-    for rel, path in walk_tree(root, ignore_files=(".gitignore", ".stepflowignore"), skip=skip):
-        h.update(f"{rel}\0{_file_sha(path)}\0{_is_exec(path)}\n".encode())
+    for f in list_context(root, home=home, scan_secrets=False).files:
+        h.update(f"{f.rel}\0{_file_sha(f.path)}\0{f.executable}\n".encode())
     return h.hexdigest()
 
 
-def _is_exec(path: Path) -> bool:
-    return bool(path.stat().st_mode & 0o111)
-
-
-def stage_project(root: Path, dest: Path, *, skip: Iterable[Path] = ()) -> list[tuple[str, str, bool]]:
-    """Copy the project into ``dest``, hashing each file as it is copied.
+def stage_project(root: Path, dest: Path, *, home: Path | None = None) -> tuple[list[tuple[str, str, bool]],
+                                                                                 ContextListing]:
+    """Copy the project's shippable files into ``dest``, hashing each file as it is copied.
 
     The tag then describes exactly what goes into the image, even if a file changes meanwhile.
     """
+    listing = list_context(root, home=home)
     entries = []
-    for rel, path in walk_tree(root, skip=skip):
-        target = dest / rel
+    for f in listing.files:
+        target = dest / f.rel
         target.parent.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
-        with open(path, "rb") as src, open(target, "wb") as out:
+        with open(f.path, "rb") as src, open(target, "wb") as out:
             while chunk := src.read(1 << 20):
                 h.update(chunk)
                 out.write(chunk)
-        executable = _is_exec(path)
-        target.chmod(0o755 if executable else 0o644)
-        entries.append((rel, h.hexdigest(), executable))
-    return entries
+        target.chmod(0o755 if f.executable else 0o644)
+        entries.append((f.rel, h.hexdigest(), f.executable))
+    return entries, listing
 
 
 def wheel_digest(path: Path) -> str:
@@ -517,10 +427,12 @@ class ImageManager:
     """
 
     def __init__(self, builder: ImageBuilder, registry: ContainerRegistry, *, cache_dir: Path,
-                 emit: Callable[..., None] | None = None) -> None:
+                 emit: Callable[..., None] | None = None, home: Path | None = None) -> None:
         self.builder = builder
         self.registry = registry
         self.cache_dir = Path(cache_dir)
+        #: The stepflow home: never shipped, wherever it sits in a project.
+        self.home = Path(home) if home is not None else _stepflow_home()
         self.emit = emit
         self.stats = ImageStats()
         self._spec_flights: dict[ImageSpec, _Flight[tuple[str, object]]] = {}
@@ -586,7 +498,7 @@ class ImageManager:
                            duration=time.perf_counter() - t0, step=call.step)
                 t1 = time.perf_counter()
                 self.stats.pushes += 1
-                await self.builder.push(ref, await self.registry.credentials(), progress=progress)
+                await self.builder.push(ref, await _push_auth(self.registry), progress=progress)
                 self._emit(ImagePushed, image=ref, duration=time.perf_counter() - t1)
                 return ref
         finally:
@@ -607,6 +519,8 @@ class ImageManager:
         wheels = await self._wheelhouse(dists, progress)
         context = self.cache_dir / "contexts" / uuid.uuid4().hex
 
+        warnings: list[str] = []
+
         def stage() -> str:
             (context / "wheels").mkdir(parents=True)
             (context / "Dockerfile").write_text(dockerfile)
@@ -615,7 +529,8 @@ class ImageManager:
             files: list[tuple[str, str, bool]] = []
             if project is not None:
                 (context / "project").mkdir()
-                files = stage_project(project, context / "project", skip=[self.cache_dir])
+                files, listing = stage_project(project, context / "project", home=self.home)
+                warnings.extend(w.message for w in listing.warnings)
             h = hashlib.sha256(f"{_LAYOUT}\n".encode())
             h.update(f"dockerfile\0{dockerfile}\0base\0{spec.base_image}\0{base_id}\n".encode())
             for path, digest in sorted(wheels, key=lambda w: w[0].name):
@@ -629,6 +544,9 @@ class ImageManager:
         except BaseException:
             await _remove_tree(context)
             raise
+        for line in warnings:  # shipped anyway: the user decides (.stepflowignore)
+            if progress is not None:
+                progress(f"warning: {line}")
         self.stats.last_context_seconds = time.perf_counter() - t0
         return _Prepared(tag, context, base_id)
 
@@ -686,7 +604,7 @@ class ImageManager:
                 if not src.is_dir():
                     raise ImageBuildError(f"distribution '{d.display}' was installed from {src}, which no "
                                           "longer exists; reinstall it")
-                digest = tree_hash(src, skip=[self.cache_dir])[:16]
+                digest = tree_hash(src, home=self.home)[:16]
                 keys[d.name] = root / "local" / f"{d.name}-{d.version}-{digest}"
             elif d.kind == "direct":
                 digest = hashlib.sha256(d.source.encode()).hexdigest()[:16]
@@ -805,6 +723,21 @@ class ImageManager:
             emit(LogLine, step=who, line=line, stream="build")
 
         return progress
+
+
+def _stepflow_home() -> Path:
+    from stepflow._store.sqlite import stepflow_home
+
+    return stepflow_home()
+
+
+async def _push_auth(registry: ContainerRegistry) -> tuple[str, str] | None:
+    """Explicit credentials, else (for distribution registries) those of ``docker login``."""
+    push_auth = getattr(registry, "push_auth", None)
+    if push_auth is not None:
+        found: tuple[str, str] | None = await push_auth()
+        return found
+    return await registry.credentials()
 
 
 def _check_name(name: str) -> None:

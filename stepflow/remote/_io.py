@@ -1,37 +1,48 @@
-"""Reading and writing artifact URIs from inside a job (local paths or any fsspec URL)."""
+"""Reading and writing artifact URIs from inside a job (local paths or any fsspec URL).
+
+The job reaches the artifact store with fsspec storage options in two parts: the public ones
+(endpoints, regions) from ``$STEPFLOW_STORAGE_OPTIONS``, and credentials, when the store's
+config holds any, from the job's private secrets. Usually there are none: the job's identity on
+its backend (IAM role, service account, managed identity) grants the access.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 STORAGE_OPTIONS_ENV = "STEPFLOW_STORAGE_OPTIONS"
 
 
-def _is_local(uri: str) -> bool:
+def is_local(uri: str) -> bool:
+    """True for plain paths and ``file://`` URIs."""
     return "://" not in uri or uri.startswith("file://")
 
 
-def _storage_options() -> dict[str, Any]:
+def storage_options(secret: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The public storage options of the environment, with ``secret`` ones merged over them."""
     raw = os.environ.get(STORAGE_OPTIONS_ENV)
-    return dict(json.loads(raw)) if raw else {}
+    options = dict(json.loads(raw)) if raw else {}
+    options.update(secret or {})
+    return options
 
 
-def read_uri(uri: str) -> bytes:
+def read_uri(uri: str, options: Mapping[str, Any] | None = None) -> bytes:
     """Bytes at ``uri`` (FileNotFoundError when absent)."""
-    if _is_local(uri):
+    if is_local(uri):
         return Path(uri.removeprefix("file://")).read_bytes()
     import fsspec
 
-    with fsspec.open(uri, "rb", **_storage_options()) as fh:
+    with fsspec.open(uri, "rb", **dict(options or {})) as fh:
         return bytes(fh.read())
 
 
-def write_uri(uri: str, data: bytes) -> None:
+def write_uri(uri: str, data: bytes, options: Mapping[str, Any] | None = None) -> None:
     """Write ``data`` at ``uri`` (atomically for local files)."""
-    if _is_local(uri):
+    if is_local(uri):
         path = Path(uri.removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -40,11 +51,5 @@ def write_uri(uri: str, data: bytes) -> None:
         return
     import fsspec
 
-    with fsspec.open(uri, "wb", **_storage_options()) as fh:
+    with fsspec.open(uri, "wb", **dict(options or {})) as fh:
         fh.write(data)
-
-
-def sibling(uri: str, name: str) -> str:
-    """The URI of ``name`` in the same directory as ``uri``."""
-    head, _, _ = uri.rpartition("/")
-    return f"{head}/{name}" if head else name

@@ -1,430 +1,421 @@
-"""The shared remote path every container backend builds on: :class:`RemoteJobOperator`.
+"""The operator that carries a step attempt down the remote path, for any :class:`JobBackend`.
 
-A backend plugin implements only ``submit`` / ``status`` / ``cancel`` (and optionally
-``find``, ``status_many``, ``logs``, ``cleanup``) plus its config class. The base class owns
-the rest of an attempt: ensure the step image (built and pushed once per content hash),
-write the signed payload to the artifact store, submit idempotently under a deterministic job
-name, record the job in the run store before waiting, await the job with coalesced polling
-and backoff, stream its logs as ``LogLine`` events, and read the output envelope back (a
-remote exception comes back with its remote traceback). Cancellation stops the backend job.
+Per attempt:
+
+1. **prepare** (once per run, errors memoised): the stack has what it needs, the registry
+   answers and accepts the credentials, the base image exists, the backend's own checks pass;
+2. **image**: built and pushed once per content hash (skipped when the registry has it);
+3. **payload**: pickled, signed for this job only and written content-addressed to the store;
+4. **submit**: the job is recorded in the run store *before* it is submitted, under a
+   deterministic name, so a runner that dies anywhere is resumed without a second job; submit is
+   idempotent and retried by one policy;
+5. **follow**: the shared tracker's status and log loops;
+6. **output**: the envelope is verified with a key only this job could have had, then loaded; a
+   remote exception comes back with its remote traceback. Cancellation stops the job.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import functools
-import hashlib
-import random
+import json
+import os
 import re
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import anyio
 import attrs
 
 from stepflow.errors import (
-    BackendError,
+    ConfigError,
+    ImageBuildError,
     JobStoppedError,
+    RegistryError,
     RemoteStepError,
     StepflowError,
-    TransientBackendError,
 )
 from stepflow.events import JobStatusChanged, JobSubmitted, LogLine
 from stepflow.interfaces.artifact_store import ArtifactStore
-from stepflow.interfaces.container_registry import ContainerRegistry
-from stepflow.interfaces.image_builder import ImageBuilder
-from stepflow.interfaces.operator import Invocation, StepOperator
+from stepflow.interfaces.operator import Invocation, RunResources, StepOperator
+from stepflow.remote import _envelope as envelope
+from stepflow.remote import _keys as keys
+from stepflow.remote import _tracker
+from stepflow.remote._backend import Job, JobBackend, JobState
+from stepflow.remote._config import merge
+from stepflow.remote._io import STORAGE_OPTIONS_ENV
+from stepflow.remote._naming import check_limits, clean_labels, job_name
+from stepflow.remote._retry import RetryPolicy
+from stepflow.resources import Resources
 
-__all__ = [
-    "BackendError",
-    "JobSpec",
-    "JobState",
-    "RemoteJobOperator",
-    "RunResources",
-    "TransientBackendError",
-    "job_name",
-]
-
-Phase = Literal["pending", "running", "succeeded", "failed", "stopped"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "stopped"})
-
-
-@attrs.frozen
-class JobState:
-    """A backend's view of a job: its raw ``status``, the normalized ``phase`` and details."""
-
-    status: str
-    phase: Phase
-    detail: str = ""
-    exit_code: int | None = None
-
-    @property
-    def terminal(self) -> bool:
-        """True once the job will not change any more."""
-        return self.phase in TERMINAL
+DEFAULT_BASE_IMAGE = f"stepflow-base:py{sys.version_info.major}.{sys.version_info.minor}"
+#: Storage credentials in the job's environment (only with pass_storage_credentials and no secret channel).
+STORAGE_CREDENTIALS_ENV = "STEPFLOW_STORAGE_CREDENTIALS"
+JOB_SPEC_VERSION = 1
 
 
-@attrs.frozen
-class JobSpec:
-    """Everything a backend needs to start one step attempt as a job."""
+@attrs.define
+class OperatorStats:
+    """What an operator asked of its backend (tests and benchmarks read it)."""
 
-    name: str
-    image: str
-    command: tuple[str, ...]
-    env: dict[str, str]
-    settings: Mapping[str, Any]
-    run_id: str
-    step: str
-    attempt: int
-    payload_uri: str
-    output_uri: str
-    timeout: float | None = None
-    labels: dict[str, str] = attrs.field(factory=dict)
+    submits: int = 0
+    submit_calls: int = 0
+    cancels: int = 0
+    reattached: int = 0
 
 
-@attrs.frozen
-class RunResources:
-    """What a run hands its operators: the stack's live components and the run store."""
-
-    run_id: str
-    stack: str | None
-    artifact_store: ArtifactStore | None
-    container_registry: ContainerRegistry | None
-    image_builder: ImageBuilder | None
-    run_store: Any
-    emit: Callable[..., None]
-    cache_dir: Path
-
-
-def job_name(run_id: str, step: str, attempt: int, *, max_length: int = 63, prefix: str = "sf") -> str:
-    """Deterministic, backend-safe job name: ``sf-<run>-<step>-<attempt>``.
-
-    Lowercase letters, digits and hyphens only; when too long the step part is shortened and a
-    hash of the full name keeps it unique.
-    """
-    def clean(text: str) -> str:
-        return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
-
-    full = f"{prefix}-{clean(run_id)}-{clean(step)}-{attempt}"
-    if len(full) <= max_length:
-        return full
-    digest = hashlib.sha256(f"{run_id}/{step}/{attempt}".encode()).hexdigest()[:8]
-    head = f"{prefix}-{clean(run_id)}-"
-    tail = f"-{digest}-{attempt}"
-    room = max_length - len(head) - len(tail)
-    if room < 1:
-        return f"{prefix}-{digest}-{attempt}"[:max_length]
-    return (head + clean(step)[:room].rstrip("-") + tail)[:max_length]
-
-
-class _Poller:
-    """One polling loop per operator: every in-flight job is checked in the same round."""
-
-    def __init__(self, op: RemoteJobOperator) -> None:
-        self.op = op
-        self.watchers: dict[str, tuple[anyio.Event, list[JobState | None], Callable[[JobState], None]]] = {}
-        self.running = False
-        self.rounds = 0
-        self.error: BaseException | None = None
-
-    async def wait(self, job_id: str, on_change: Callable[[JobState], None]) -> JobState:
-        done = anyio.Event()
-        box: list[JobState | None] = [None]
-        self.watchers[job_id] = (done, box, on_change)
-        if not self.running:
-            self.running = True
-            self.op._spawn(self._loop())
-        try:
-            await done.wait()
-        finally:
-            self.watchers.pop(job_id, None)
-        state = box[0]
-        if state is None:
-            raise self.error or BackendError(f"lost track of job {job_id}")
-        return state
-
-    async def _loop(self) -> None:
-        interval = self.op.poll_interval
-        failures = 0
-        last: dict[str, JobState] = {}
-        try:
-            while self.watchers:
-                await anyio.sleep(interval * random.uniform(0.9, 1.1))
-                ids = list(self.watchers)
-                if not ids:
-                    break
-                try:
-                    states = await self.op.status_many(ids)
-                    failures = 0
-                except TransientBackendError:
-                    failures += 1
-                    interval = min(self.op.max_poll_interval, interval * 2)
-                    if failures < self.op.max_poll_failures:
-                        continue
-                    raise
-                self.rounds += 1
-                changed = False
-                for job_id, state in states.items():
-                    watcher = self.watchers.get(job_id)
-                    if watcher is None:
-                        continue
-                    if last.get(job_id) != state:
-                        changed = True
-                        last[job_id] = state
-                        watcher[2](state)
-                    if state.terminal:
-                        watcher[1][0] = state
-                        watcher[0].set()
-                        last.pop(job_id, None)
-                interval = self.op.poll_interval if changed else min(self.op.max_poll_interval, interval * 1.5)
-        except BaseException as exc:
-            self.error = exc
-            for done, _, _ in list(self.watchers.values()):
-                done.set()
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self.running = False
-            if self.watchers and self.error is None:  # a watcher arrived as we were leaving
-                self.running = True
-                self.op._spawn(self._loop())
-
-
-class RemoteJobOperator(StepOperator):
-    """Base class of every container backend (docker, sagemaker, vertex, azureml ...)."""
+class JobOperator(StepOperator):
+    """A step operator over a :class:`JobBackend` (see the module docstring)."""
 
     requires_pickling: ClassVar[bool] = True
-    #: Longest job name the backend accepts.
-    max_job_name: ClassVar[int] = 63
-    #: Seconds between status rounds at first; grows 1.5x per quiet round up to the max.
-    poll_interval: float = 0.5
-    max_poll_interval: float = 5.0
-    #: Consecutive transient status failures before the attempt fails.
-    max_poll_failures: int = 20
-    #: Seconds to wait for a cancelled job to reach a terminal state.
-    stop_timeout: float = 30.0
-    #: How concurrent ``status_many``'s default fan-out may be.
-    status_concurrency: int = 16
-    #: Attempts at submitting a job when the backend throttles or fails transiently.
-    max_submit_attempts: int = 8
+    #: Seconds to wait for a stopped job to reach a terminal state.
+    stop_timeout: float = 60.0
 
-    def __init__(self, name: str, config: Any) -> None:
-        self.name = name
-        self.config = config
-        self.max_concurrency = getattr(config, "max_concurrency", None)
+    def __init__(self, backend: JobBackend, settings_class: type | None = None) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.flavor = backend.flavor  # type: ignore[misc]
+        self.config = backend.config
+        self.settings_class = settings_class
+        self.max_concurrency = getattr(backend.config, "max_concurrency", None)
+        self.policy = RetryPolicy(attempts=max(1, int(getattr(backend.config, "submit_attempts", 6) or 1)))
+        self.stats = OperatorStats()
         self.resources: RunResources | None = None
-        self._poller = _Poller(self)
-        self._tg: Any = None
+        self._tracker: _tracker.Tracker | None = None
         self._images: Any = None
-        self.submissions = 0
-
-    # ---------------------------------------------------------------- backend hooks
-    @abc.abstractmethod
-    async def submit(self, job: JobSpec) -> str:
-        """Start ``job``; return the backend's job id. Must not wait for the job."""
-
-    async def find(self, job: JobSpec) -> str | None:
-        """The id of an existing job named ``job.name`` (for idempotent submit), else None."""
-        return None
-
-    @abc.abstractmethod
-    async def status(self, job_id: str) -> JobState:
-        """The job's current state. Raise TransientBackendError for throttling/5xx."""
-
-    async def status_many(self, job_ids: list[str]) -> dict[str, JobState]:
-        """States of many jobs in one round; override when the backend has a batch call."""
-        out: dict[str, JobState] = {}
-        limiter = anyio.Semaphore(self.status_concurrency)
-
-        async def one(job_id: str) -> None:
-            async with limiter:
-                with contextlib.suppress(TransientBackendError):  # throttled: polled again next round
-                    out[job_id] = await self.status(job_id)
-
-        async with anyio.create_task_group() as tg:
-            for job_id in job_ids:
-                tg.start_soon(one, job_id)
-        return out
-
-    def logs(self, job_id: str) -> AsyncIterator[str] | None:
-        """Lines of the job's output while it runs (None when the backend has no log stream)."""
-        return None
-
-    @abc.abstractmethod
-    async def cancel(self, job_id: str) -> None:
-        """Ask the backend to stop the job (returns without waiting for it to stop)."""
-
-    async def cleanup(self, job_id: str, state: JobState | None) -> None:
-        """Release backend resources of a finished job (e.g. remove a container)."""
-
-    def base_image(self, settings: Mapping[str, Any]) -> str:
-        """The base image for this step (settings override config)."""
-        return str(settings.get("base_image") or getattr(self.config, "base_image", None) or "stepflow-base:py3.11")
-
-    def job_env(self, job_settings: Mapping[str, Any]) -> dict[str, str]:
-        """Extra environment for jobs (config ``environment`` plus settings ``environment``)."""
-        env = dict(getattr(self.config, "environment", None) or {})
-        env.update(job_settings.get("environment") or {})
-        return {str(k): str(v) for k, v in env.items()}
-
-    # ---------------------------------------------------------------- lifecycle
-    async def attach(self, resources: RunResources) -> None:
-        """Receive the run's stack components; the first launch builds the image manager."""
-        self.resources = resources
-
-    def _spawn(self, coro: Any) -> None:
-        import asyncio
-
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._builder: Any = None
+        self._prepared: Any = None
+        self._stopped_by_us: set[str] = set()
+        self._warned: set[str] = set()
 
     @property
-    def _background(self) -> set[Any]:
-        if not hasattr(self, "_bg"):
-            self._bg: set[Any] = set()
-        return self._bg
+    def what(self) -> str:
+        """``step-operator 'NAME' (flavor)`` for messages."""
+        return f"step-operator '{self.name}' ({self.flavor})"
 
-    def _require(self) -> RunResources:
-        res = self.resources
-        problems = []
-        if res is None:
-            raise StepflowError(f"step operator '{self.name}' was not attached to a run")
-        if res.artifact_store is None:
-            problems.append("an artifact store")
-        if res.container_registry is None:
-            problems.append("a container registry (-c)")
-        if res.image_builder is None:
-            problems.append("an image builder (-i), e.g. `stepflow image-builder register docker --type=docker`")
-        if problems:
-            raise StepflowError(f"step operator '{self.name}' needs {', and '.join(problems)} in stack "
-                                f"'{res.stack}'")
-        return res
+    @property
+    def tracker(self) -> _tracker.Tracker:
+        """The status and log loops following this operator's jobs."""
+        if self._tracker is None:
+            self._tracker = _tracker.acquire(self.backend)
+        return self._tracker
 
-    async def ensure_image(self, settings: Mapping[str, Any], step: str) -> str:
-        """The pushed image for this step (built at most once per content hash)."""
-        from stepflow.remote._images import ImageManager, ImageSpec
+    # ------------------------------------------------------------------ settings
+    def options_for(self, settings: Mapping[str, Any]) -> Any:
+        """The operator's config with a step's settings merged over it (ConfigError when invalid)."""
+        if not settings or self.settings_class is None:
+            return self.config
+        from stepflow._config import options
 
-        res = self._require()
-        if self._images is None:
-            self._images = ImageManager(res.image_builder, res.container_registry,  # type: ignore[arg-type]
-                                        cache_dir=res.cache_dir, emit=res.emit)
-        wanted = [*(settings.get("requirements") or getattr(self.config, "requirements", None) or ())]
-        store = res.artifact_store
-        wanted += [r for r in getattr(store, "image_requirements", ()) if r not in wanted]  # jobs must reach it
-        spec = ImageSpec(
-            base_image=self.base_image(settings),
-            requirements=tuple(wanted),
-            project_root=_project_root(settings, self.config),
-        )
-        return str(await self._images.ensure(spec, step=step))
+        parsed = options.build(self.settings_class, settings, what=f"{self.what}: step settings")
+        return merge(self.config, parsed)
 
-    # ---------------------------------------------------------------- one attempt
-    async def launch(self, invocation: Invocation) -> Any:
-        """Run one attempt as a remote job (see the module docstring)."""
-        from stepflow.remote import _envelope as envelope
-
-        res = self._require()
-        store = res.artifact_store
-        assert store is not None
-        key = await anyio.to_thread.run_sync(res.run_store.payload_key, store.name or "default") \
-            if res.run_store is not None else _ephemeral_key(store)
-        base = (f"{store.root.rstrip('/')}/runs/{invocation.run_id}/{_safe(invocation.step)}"
-                f"/attempt-{invocation.attempt}")
-        payload_uri, output_uri = f"{base}/payload.bin", f"{base}/output.bin"
-        name = job_name(invocation.run_id, invocation.step, invocation.attempt, max_length=self.max_job_name)
-        emit = invocation.emit
-
-        # Resume: a job recorded for this attempt is re-attached, never submitted again.
-        recorded = None
-        if res.run_store is not None:
-            recorded = await anyio.to_thread.run_sync(res.run_store.find_job, invocation.run_id,
-                                                      invocation.step, invocation.attempt)
-        if recorded is not None and await store.exists(output_uri):
-            emit(LogLine, line=f"re-attached to finished job {recorded.job_name}; reading its output",
-                 stream="stepflow")
-            return await self._read_output(store, output_uri, key, name, None)
-
-        image = await self.ensure_image(invocation.settings, invocation.step)
-        env = {envelope.KEY_ENV: key.hex(), **self._storage_env(store), **self.job_env(invocation.settings)}
-        spec = JobSpec(
-            name=name, image=image,
-            command=("python3", "-m", "stepflow.entrypoint", "--payload", payload_uri, "--output", output_uri),
-            env=env, settings=invocation.settings, run_id=invocation.run_id, step=invocation.step,
-            attempt=invocation.attempt, payload_uri=payload_uri, output_uri=output_uri,
-            timeout=invocation.timeout,
-            labels={"stepflow.run": invocation.run_id, "stepflow.step": invocation.step,
-                    "stepflow.attempt": str(invocation.attempt)},
-        )
-        job_id = recorded.job_id if recorded is not None else None
-        if job_id is None:
-            job_id = await self.find(spec)
-        if job_id is None:
-            await store.write_bytes(payload_uri, await self._payload(invocation, key, store, base))
-            job_id = await self._submit_with_retries(spec)
-        if res.run_store is not None and recorded is None:
-            await anyio.to_thread.run_sync(res.run_store.record_job, invocation.run_id, invocation.step,
-                                           invocation.attempt, self.name, name, job_id, payload_uri)
-        emit(JobSubmitted, operator=self.name, job_id=job_id, attempt=invocation.attempt)
-        state: JobState | None = None
-        log_task = None
+    def validate_settings(self, settings: Mapping[str, Any], resources: Resources | None = None) -> list[str]:
+        """Problems of one step's merged options and resources (the run does not start with any)."""
         try:
-            log_task = self._start_logs(job_id, emit)
+            merged = self.options_for(settings)
+        except ConfigError:
+            return []  # the run's own settings validation reports it, with the valid options
+        return list(self.backend.check(merged, resources))
 
-            def changed(new: JobState) -> None:
-                emit(JobStatusChanged, job_id=job_id, status=new.status, detail=new.detail)
+    # ------------------------------------------------------------------ run lifecycle
+    async def attach(self, resources: RunResources) -> None:
+        """Receive the run's components; the image manager and checks start afresh."""
+        self.resources = resources
+        self._images = None
+        self._prepared = None
+        self._warned.clear()
 
-            state = await self._poller.wait(job_id, changed)
+    def _store(self) -> ArtifactStore:
+        res = self.resources
+        if res is None:
+            raise StepflowError(f"{self.what} was not attached to a run")
+        if res.artifact_store is None:
+            raise ConfigError(f"{self.what} needs an artifact store in stack '{res.stack}'")
+        return res.artifact_store
+
+    async def prepare(self) -> None:
+        """Check once per run that jobs can be built, pushed, submitted and read back."""
+        if self._prepared is None:
+            self._prepared = _Memo(self._prepare)
+        await self._prepared.get()
+
+    async def _prepare(self) -> None:
+        res = self.resources
+        store = self._store()
+        assert res is not None
+        if res.container_registry is None:
+            raise ConfigError(f"{self.what} needs a container registry in stack '{res.stack}' (add one with "
+                              f"`stepflow stack update {res.stack} -c NAME`)")
+        if store.flavor == "local" and not self.backend.local_store:
+            raise ConfigError(f"{self.what} runs jobs on other machines, which cannot reach the local artifact store "
+                              f"'{store.name}' ({store.root}): use a remote one (s3, gcs or azure)")
+        builder = self._image_builder()
+        registry = res.container_registry
+        base = self._base_image(self.config)
+
+        async def registry_ok() -> None:
+            check = getattr(registry, "check", None)
+            if check is None:
+                return
+            try:
+                await check("stepflow-steps", push=True)
+            except RegistryError as exc:
+                raise ConfigError(f"{self.what}: cannot push step images: {exc}") from None
+
+        async def base_image_ok() -> None:
+            image_id = getattr(builder, "image_id", None)
+            if image_id is None:
+                return
+            if await image_id(base) is not None:
+                return
+            pull = getattr(builder, "pull", None)
+            try:
+                if pull is not None:
+                    await pull(base)
+                    return
+            except ImageBuildError as exc:
+                raise ConfigError(f"{self.what}: base image '{base}' is not on the image builder's Docker daemon and "
+                                  f"cannot be pulled ({exc}). Build it (scripts/services.sh does) or set "
+                                  "--base_image") from None
+            raise ConfigError(f"{self.what}: base image '{base}' is not on the image builder's Docker daemon: build "
+                              "it (scripts/services.sh does) or set --base_image")
+
+        await all_of(registry_ok, base_image_ok, functools.partial(self.backend.prepare, res))
+
+    def _image_builder(self) -> Any:
+        res = self.resources
+        assert res is not None
+        if res.image_builder is not None:
+            return res.image_builder
+        if self._builder is None:
+            self._builder = default_image_builder(self.what)
+        return self._builder
+
+    def _base_image(self, options: Any) -> str:
+        return str(getattr(options, "base_image", None) or getattr(self.backend, "default_base_image", None)
+                   or DEFAULT_BASE_IMAGE)
+
+    async def aclose(self) -> None:
+        """Release the tracker (closing the backend when no run uses it) and the default builder."""
+        if self._tracker is not None:
+            tracker, self._tracker = self._tracker, None
+            await _tracker.release(tracker, self.backend)
+        else:
+            await _tracker._close(self.backend)
+        if self._builder is not None:
+            builder, self._builder = self._builder, None
+            with contextlib.suppress(Exception):  # closing must not hide the run's outcome
+                await builder.aclose()
+
+    # ------------------------------------------------------------------ one attempt
+    async def launch(self, invocation: Invocation) -> Any:
+        """Run one attempt as a backend job (see the module docstring)."""
+        await self.prepare()
+        res = self.resources
+        assert res is not None
+        store = self._store()
+        options = self.options_for(invocation.settings)
+        attempt = _Attempt.plan(self, invocation, store, res)
+        run_store = res.run_store
+        recorded = None
+        if run_store is not None:
+            recorded = await anyio.to_thread.run_sync(run_store.find_job, invocation.run_id, invocation.step,
+                                                      invocation.attempt)
+        if recorded is not None and recorded.spec and await store.exists(attempt.output_uri):
+            # Finished while no runner watched: read its output, ask the backend nothing.
+            invocation.emit(LogLine, line=f"re-attached to finished job {attempt.name}; reading its output",
+                            stream="stepflow")
+            self.stats.reattached += 1
+            return await attempt.read_output(None)
+        if recorded is not None and recorded.spec:
+            job = attempt.job_from_record(recorded.spec, options, invocation)
+            invocation.emit(LogLine, line=f"re-attaching to job {attempt.name}", stream="stepflow")
+            self.stats.reattached += 1
+        else:
+            image = await self.ensure_image(options, invocation.step)
+            job = await attempt.prepare_job(image, options, invocation)
+            check_limits(job, self.backend.limits, what=self.what)
+            if run_store is not None:  # recorded before it exists: a runner dying now never submits twice
+                await anyio.to_thread.run_sync(run_store.record_job, invocation.run_id, invocation.step,
+                                               invocation.attempt, self.name, job.name, "", attempt.payload_uri,
+                                               attempt.spec_json(job))
+        job_id = await self._submit(job)
+        if run_store is not None:
+            await anyio.to_thread.run_sync(run_store.set_job_id, invocation.run_id, invocation.step,
+                                           invocation.attempt, job_id)
+        invocation.emit(JobSubmitted, operator=self.name, job_id=job_id, attempt=invocation.attempt)
+        state = await self._follow(job_id, invocation)
+        if run_store is not None:
+            await anyio.to_thread.run_sync(run_store.update_job, invocation.run_id, invocation.step,
+                                           invocation.attempt, state.phase)
+        if state.phase == "stopped":
+            raise JobStoppedError(f"job {job.name} was stopped on its backend outside stepflow "
+                                  f"({state.detail or state.status})")
+        return await attempt.read_output(state)
+
+    async def _submit(self, job: Job) -> str:
+        self.stats.submits += 1
+
+        async def once() -> str:
+            self.stats.submit_calls += 1
+            return await self.backend.submit(job)
+
+        return await self.policy.call(once, classify=self.backend.is_transient)
+
+    async def _follow(self, job_id: str, inv: Invocation) -> JobState:
+        tracker = self.tracker
+
+        def on_state(state: JobState) -> None:
+            inv.emit(JobStatusChanged, job_id=job_id, status=state.status, detail=state.detail)
+
+        def on_lines(lines: Sequence[str]) -> None:
+            for line in lines:
+                inv.emit(LogLine, line=line.rstrip("\n"), stream="stdout")
+
+        watch = tracker.follow(job_id, on_state, on_lines)
+        state: JobState | None = None
+        try:
+            state = await tracker.wait(watch)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                state = await self._stop(job_id, emit)
+                state = await self._stop(job_id, watch, inv)
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                await self._finish_logs(log_task)
-                if res.run_store is not None and state is not None:
-                    with contextlib.suppress(Exception):
-                        await anyio.to_thread.run_sync(res.run_store.update_job, invocation.run_id,
-                                                       invocation.step, invocation.attempt, state.phase)
-                with contextlib.suppress(Exception):
-                    await self.cleanup(job_id, state)
+                tracker.forget(job_id)
+                with contextlib.suppress(Exception):  # a leftover is not worth failing the step
+                    await self.policy.call(functools.partial(self.backend.cleanup, job_id, state),
+                                           classify=self.backend.is_transient)
         assert state is not None
-        if state.phase == "stopped":
-            raise JobStoppedError(f"job {name} was stopped on its backend outside stepflow "
-                                  f"({state.detail or state.status})")
-        return await self._read_output(store, output_uri, key, name, state)
+        if state.phase == "stopped" and job_id in self._stopped_by_us:
+            state = attrs.evolve(state, detail="stopped by stepflow")
+        return state
 
-    async def _submit_with_retries(self, spec: JobSpec) -> str:
-        """Submit, retrying throttling and transient errors with jittered backoff.
+    async def _stop(self, job_id: str, watch: Any, inv: Invocation) -> JobState | None:
+        """Stop the job on its backend and wait (bounded) until it says it ended."""
+        self._stopped_by_us.add(job_id)
+        self.stats.cancels += 1
+        try:
+            await self.policy.call(functools.partial(self.backend.cancel, job_id), classify=self.backend.is_transient)
+        except Exception as exc:
+            inv.emit(LogLine, line=f"[stepflow] could not stop job {job_id}: {exc}", stream="stepflow")
+            return None
+        self.tracker.hurry()
+        try:
+            state = await self.tracker.wait(watch, timeout=self.stop_timeout)
+        except StepflowError:
+            return None
+        if state is not None:
+            inv.emit(JobStatusChanged, job_id=job_id, status=state.status, detail="stopped by stepflow")
+        return state
 
-        A failed submit may still have created the job, so each retry first looks it up by its
-        deterministic name: a job is never created twice.
-        """
-        delay = 0.5
-        for attempt in range(1, self.max_submit_attempts + 1):
-            try:
-                job_id = await self.submit(spec)
-                self.submissions += 1
-                return job_id
-            except TransientBackendError:
-                if attempt == self.max_submit_attempts:
-                    raise
-            await anyio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 10.0)
-            try:
-                existing = await self.find(spec)
-            except TransientBackendError:
-                existing = None
-            if existing is not None:
-                return existing
-        raise BackendError(f"could not submit job {spec.name}")  # unreachable
+    # ------------------------------------------------------------------ images
+    async def ensure_image(self, options: Any, step: str) -> str:
+        """The pushed image for this step (built at most once per content hash)."""
+        from stepflow.remote._images import ImageManager, ImageSpec
 
-    async def _payload(self, inv: Invocation, key: bytes, store: ArtifactStore, base: str) -> bytes:
-        from stepflow.remote import _envelope as envelope
+        res = self.resources
+        assert res is not None and res.container_registry is not None
+        if self._images is None:
+            self._images = ImageManager(self._image_builder(), res.container_registry, cache_dir=res.cache_dir,
+                                        emit=res.emit, home=res.home)
+        wanted = list(getattr(options, "requirements", None) or ())
+        wanted += [r for r in self._store().image_requirements if r not in wanted]  # jobs must reach the store
+        spec = ImageSpec(base_image=self._base_image(options), requirements=tuple(wanted),
+                         project_root=project_root(options), platform=getattr(options, "platform", "linux/amd64"))
+        return str(await self._images.ensure(spec, step=step))
+
+    def warn_once(self, key: str, inv: Invocation, line: str) -> None:
+        """One LogLine per run about ``key`` (e.g. credentials passed in a job's environment)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            inv.emit(LogLine, line=f"[stepflow] {line}", stream="stepflow")
+
+
+class _Attempt:
+    """Names, locations and keys of one step attempt."""
+
+    def __init__(self, op: JobOperator, inv: Invocation, store: ArtifactStore, res: RunResources) -> None:
+        self.op, self.inv, self.store = op, inv, store
+        self.name = job_name(inv.run_id, inv.step, inv.attempt, op.backend.limits)
+        self.keys = keys.JobKeys.derive(res.derive_key, self.name)
+        self.base = f"{store.root.rstrip('/')}/runs/{inv.run_id}/{_safe(inv.step)}/attempt-{inv.attempt}"
+        self.output_uri = f"{self.base}/out/output.bin"
+        self.payload_uri = ""
+        self.refs: list[str] = []
+
+    @classmethod
+    def plan(cls, op: JobOperator, inv: Invocation, store: ArtifactStore, res: RunResources) -> _Attempt:
+        return cls(op, inv, store, res)
+
+    def labels(self) -> dict[str, str]:
+        inv = self.inv
+        return clean_labels({"stepflow.run": inv.run_id, "stepflow.step": inv.step,
+                             "stepflow.attempt": str(inv.attempt)}, self.op.backend.limits)
+
+    async def prepare_job(self, image: str, options: Any, inv: Invocation) -> Job:
+        data, refs = await self._payload(inv)
+        digest = envelope.sha256(data)
+        self.payload_uri = f"{self.base}/payload-{digest[:16]}.bin"
+        self.refs = [uri for uri, _ in refs]
+        for uri, blob in refs:  # content-addressed: written once, shared by every step and attempt
+            if not await self.store.exists(uri):
+                await self.store.write_bytes(uri, blob)
+        await self.store.write_bytes(self.payload_uri, data)
+        if not self.store.is_remote:
+            await anyio.to_thread.run_sync(_writable_dir, self.output_uri.rsplit("/", 1)[0])
+        return self._job(image, digest, options, inv)
+
+    def _job(self, image: str, digest: str, options: Any, inv: Invocation, labels: Mapping[str, str] | None = None,
+             command: Sequence[str] | None = None) -> Job:
+        op = self.op
+        public, secret = self.store.job_storage_options()
+        env = {keys.PAYLOAD_SHA_ENV: digest, "HOME": "/tmp"}
+        if public:
+            env[STORAGE_OPTIONS_ENV] = json.dumps(public, sort_keys=True)
+        env.update({str(k): str(v) for k, v in (getattr(options, "environment", None) or {}).items()})
+        secrets: dict[str, Any] = {keys.TOKEN_SECRET: self.keys.token.hex()}
+        if op.backend.secret_channel:
+            if secret:
+                secrets[keys.STORAGE_SECRET] = secret
+        else:
+            env[keys.TOKEN_ENV] = self.keys.token.hex()
+            if secret and getattr(options, "pass_storage_credentials", False):
+                env[STORAGE_CREDENTIALS_ENV] = json.dumps(secret, sort_keys=True)
+                op.warn_once("storage-credentials", inv, f"artifact store '{self.store.name}': its credentials are in "
+                             f"the environment of {op.flavor} jobs (pass_storage_credentials), where anyone who may "
+                             "describe a job can read them; prefer the job's own identity")
+            elif secret:
+                op.warn_once("storage-identity", inv, f"artifact store '{self.store.name}': its credentials are not "
+                             f"given to {op.flavor} jobs (their description would show them); jobs reach the store "
+                             "with their own identity (role / service account / managed identity)")
+        local: dict[str, str] = {}
+        if not self.store.is_remote:
+            local = {self.payload_uri: "ro", self.output_uri.rsplit("/", 1)[0]: "rw", **dict.fromkeys(self.refs, "ro")}
+        return Job(name=self.name, image=image,
+                   command=tuple(command or ("python3", "-m", "stepflow.entrypoint", "--payload", self.payload_uri,
+                                             "--output", self.output_uri)),
+                   env=env, labels=dict(labels or self.labels()), run_id=inv.run_id, step=inv.step,
+                   attempt=inv.attempt, options=options, resources=inv.resources, timeout=inv.timeout,
+                   secrets=secrets, local_paths=local)
+
+    def spec_json(self, job: Job) -> str:
+        """What the run store keeps to submit the same job again after a crash (no secrets)."""
+        return json.dumps({"v": JOB_SPEC_VERSION, "image": job.image, "command": list(job.command),
+                           "labels": dict(job.labels), "payload_uri": self.payload_uri,
+                           "payload_sha256": job.env.get(keys.PAYLOAD_SHA_ENV), "refs": self.refs}, sort_keys=True)
+
+    def job_from_record(self, spec_text: str, options: Any, inv: Invocation) -> Job:
+        spec = json.loads(spec_text)
+        self.payload_uri, self.refs = str(spec["payload_uri"]), list(spec.get("refs") or [])
+        return self._job(str(spec["image"]), str(spec["payload_sha256"]), options, inv, labels=spec.get("labels"),
+                         command=spec.get("command"))
+
+    async def _payload(self, inv: Invocation) -> tuple[bytes, list[tuple[str, bytes]]]:
+        store = self.store
 
         def big_to_refs(value: Any, out: list[tuple[str, bytes]]) -> Any:
             data = envelope.pickle_input(value)
@@ -444,109 +435,109 @@ class RemoteJobOperator(StepOperator):
             # real file names and lines (by value they would read "<dynamic-code>").
             body = {"fn_ref": ref, "args": args, "kwargs": kwargs} if ref else {"fn": inv.fn, "args": args,
                                                                                  "kwargs": kwargs}
-            data = envelope.encode("payload", body, key, run_id=inv.run_id, step=inv.step, attempt=inv.attempt)
+            data = envelope.encode("payload", body, self.keys.payload_key, run_id=inv.run_id, step=inv.step,
+                                   attempt=inv.attempt, job=self.name, output_key=self.keys.wrapped_output_key())
             return data, refs
 
-        data, refs = await anyio.to_thread.run_sync(build)
-        for uri, blob in refs:  # content-addressed: written once, shared by every step and attempt
-            if not await store.exists(uri):
-                await store.write_bytes(uri, blob)
-        return data
+        return await anyio.to_thread.run_sync(build)
 
-    async def _read_output(self, store: ArtifactStore, uri: str, key: bytes, name: str,
-                           state: JobState | None) -> Any:
-        from stepflow.remote import _envelope as envelope
-
+    async def read_output(self, state: JobState | None) -> Any:
+        name, uri = self.name, self.output_uri
         try:
-            data = await store.read_bytes(uri)
+            data = await self.store.read_bytes(uri)
         except FileNotFoundError:
             if state is not None and state.phase == "failed":
-                raise RemoteStepError(f"job {name} failed: {state.detail or state.status}"
-                                      + (f" (exit code {state.exit_code})" if state.exit_code is not None else "")
-                                      + "; it wrote no output envelope") from None
-            raise RemoteStepError(f"job {name} reported success but wrote no output at {uri}: the job's "
-                                  "command did not run the step (check the image and its entrypoint)") from None
-        _, body = await anyio.to_thread.run_sync(functools.partial(envelope.decode, data, key, kind="output"))
+                code = f" (exit code {state.exit_code})" if state.exit_code is not None else ""
+                raise RemoteStepError(f"job {name} failed: {state.detail or state.status}{code}; it wrote no output "
+                                      "(see the step's log lines)") from None
+            raise RemoteStepError(f"job {name} reported success but wrote no output at {uri}: the job's command did "
+                                  "not run the step (check the image and its entrypoint)") from None
+        inv = self.inv
+        expect = {"job": name, "run_id": inv.run_id, "step": inv.step, "attempt": inv.attempt}
+        _, body = await anyio.to_thread.run_sync(functools.partial(
+            envelope.decode, data, self.keys.output_key, kind="output", expect=expect))
         if body.get("ok"):
             return body.get("value")
         detail = f" [{state.detail}]" if state is not None and state.detail and state.phase == "failed" else ""
         raise RemoteStepError(f"{body.get('type')}: {body.get('message')}{detail}",
                               remote_traceback=str(body.get("traceback") or ""), remote_type=str(body.get("type")))
 
-    def _storage_env(self, store: ArtifactStore) -> dict[str, str]:
-        import json
 
-        from stepflow.remote._io import STORAGE_OPTIONS_ENV
+class _Memo:
+    """An async computation run once; its error is re-raised (as a fresh copy) to every caller."""
 
-        options = getattr(store, "storage_options", None)
-        opts = options() if callable(options) else None
-        return {STORAGE_OPTIONS_ENV: json.dumps(opts)} if opts else {}
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.error: BaseException | None = None
+        self.done = False
+        self.lock = anyio.Lock()
 
-    def _start_logs(self, job_id: str, emit: Callable[..., None]) -> Any:
-        stream = self.logs(job_id)
-        if stream is None:
-            return None
-        import asyncio
-
-        async def pump() -> None:
-            with contextlib.suppress(Exception):
-                async for line in stream:
-                    emit(LogLine, line=line.rstrip("\n"), stream="stdout")
-
-        return asyncio.get_running_loop().create_task(pump())
-
-    async def _finish_logs(self, task: Any) -> None:
-        if task is None:
+    async def get(self) -> None:
+        if self.done:
             return
-        with anyio.move_on_after(2):  # let the tail of the log arrive
-            await _wait_task(task)
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-
-    async def _stop(self, job_id: str, emit: Callable[..., None]) -> JobState | None:
-        """Cancel the backend job and wait (bounded) until the backend says it ended."""
-        with contextlib.suppress(Exception):
-            await self.cancel(job_id)
-        deadline = time.monotonic() + self.stop_timeout
-        state: JobState | None = None
-        while time.monotonic() < deadline:
+        async with self.lock:
+            if not self.done and self.error is None:
+                try:
+                    await self.fn()
+                    self.done = True
+                except StepflowError as exc:
+                    self.error = exc
+        if self.error is not None:
+            error = self.error
             try:
-                state = await self.status(job_id)
+                fresh = type(error)(*error.args)
             except Exception:
-                await anyio.sleep(0.5)
-                continue
-            if state.terminal:
-                emit(JobStatusChanged, job_id=job_id, status=state.status, detail="stopped by stepflow")
-                return state
-            await anyio.sleep(0.25)
-        return state
-
-    async def aclose(self) -> None:
-        """Close the image manager's builder connections."""
-        for task in list(self._background):
-            task.cancel()
+                fresh = StepflowError(str(error))
+            raise fresh from None
 
 
-async def _wait_task(task: Any) -> None:
-    import asyncio
+async def all_of(*checks: Any) -> None:
+    """Run independent async checks at once; raise the one error, or one listing them all."""
+    errors: list[BaseException] = []
 
-    await asyncio.wait({task})
+    async def one(check: Any) -> None:
+        try:
+            await check()
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for check in checks:
+            tg.start_soon(one, check)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        stepflow_errors = [e for e in errors if isinstance(e, StepflowError)]
+        if len(stepflow_errors) < len(errors):
+            raise next(e for e in errors if not isinstance(e, StepflowError))
+        raise ConfigError("\n".join(str(e) for e in errors))
+
+
+def default_image_builder(what: str) -> Any:
+    """The stack-less default: the ``docker`` image builder flavor, when a plugin provides it."""
+    from stepflow._plugins import registry
+
+    try:
+        flavor = registry.load("image_builder", "docker")
+    except StepflowError:
+        raise ConfigError(f"{what} needs an image builder: add one to the stack (-i NAME), or install "
+                          "stepflow-docker, whose docker builder is the default") from None
+    return flavor.create(f"docker (default of {what})", flavor.config_class())
+
+
+def project_root(options: Any) -> Path | None:
+    """The project folder shipped in images: the option, else the current directory."""
+    root = getattr(options, "project_root", None)
+    if root:
+        return Path(root).expanduser().resolve()
+    return Path.cwd() if Path.cwd() != Path(sys.prefix) else None
 
 
 def _safe(step: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", step)
 
 
-def _ephemeral_key(store: ArtifactStore) -> bytes:
-    import secrets
-
-    return secrets.token_bytes(32)
-
-
-def _project_root(settings: Mapping[str, Any], config: Any) -> Path | None:
-    root = settings.get("project_root") or getattr(config, "project_root", None)
-    if root:
-        return Path(root).expanduser().resolve()
-    return Path.cwd() if Path.cwd() != Path(sys.prefix) else None
+def _writable_dir(path: str) -> None:
+    """The job's output folder on a local store: a job runs as an unprivileged user."""
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, 0o777)  # only this attempt's folder, under the owner's artifact root

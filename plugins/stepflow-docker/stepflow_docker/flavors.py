@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 
 from stepflow.interfaces.flavor import Flavor, option
+from stepflow.remote import JobBackendFlavor
 from stepflow_docker.operator_config import DockerOperatorConfig, DockerOperatorSettings
 
 
@@ -27,13 +28,12 @@ class DockerImageBuilderFlavor(Flavor):
     implementation = "stepflow_docker.builder:DockerImageBuilder"
 
 
-class DockerOperatorFlavor(Flavor):
+class DockerOperatorFlavor(JobBackendFlavor):
     """Runs each step attempt as a container on a Docker daemon."""
 
-    kind = "step_operator"
     name = "docker"
     description = "Run steps as containers on a Docker daemon (image built, pushed and pulled per content hash)."
-    implementation = "stepflow_docker.operator:DockerStepOperator"
-    requires_container_registry = True
+    implementation = "stepflow_docker.operator:DockerBackend"
+    requires_remote_artifact_store = False  # a local store's job paths are bind-mounted
     config_class = DockerOperatorConfig
     settings_class = DockerOperatorSettings

@@ -5,42 +5,34 @@ from __future__ import annotations
 import attrs
 
 from stepflow.interfaces.flavor import option
+from stepflow.remote import JobConfig, JobSettings
 
 
-@attrs.frozen
-class DockerOperatorConfig:
-    """Options of the docker step operator."""
+@attrs.frozen(kw_only=True)
+class DockerOperatorConfig(JobConfig):
+    """Options of the docker step operator (plus those of every remote operator)."""
 
     docker_host: str | None = option(None, doc="Docker daemon URL (default: $DOCKER_HOST or the local socket).")
-    base_image: str = option("stepflow-base:py3.11", doc="Image the step images are built FROM (Python must "
-                                                         "match the runner's minor version).")
-    environment: dict[str, str] = option({}, doc="Extra environment variables for every step container.")
-    network: str = option("host", doc="Docker network mode; 'host' lets jobs reach services on 127.0.0.1.")
-    mounts: list[str] = option([], doc="Extra bind mounts, 'HOST:CONTAINER[:ro]', comma-separated.")
-    mount_artifact_store: bool = option(True, doc="Bind-mount a local artifact store at the same path so jobs "
-                                                  "can read payloads and write outputs.")
-    memory: str | None = option(None, doc="Memory limit per container, e.g. 512m or 2g (no swap).")
-    cpus: float | None = option(None, doc="CPU limit per container, e.g. 1.5.")
-    gpus: str | None = option(None, doc="GPUs to request: a count or 'all' (passed to the daemon's device requests).")
+    network: str = option("auto", doc="Docker network mode. 'auto': 'host' when the artifact store is reached on "
+                                      "127.0.0.1 (a local emulator), else 'bridge'.")
+    mounts: list[str] = option([], doc="Extra bind mounts, 'HOST:CONTAINER[:ro]', comma-separated. A job gets only "
+                                       "its own payload and output folder of a local artifact store.")
+    memory: str | None = option(None, doc="Memory limit per container, e.g. 512m or 2g (no swap); default from "
+                                          "the step's resources.")
+    cpus: float | None = option(None, doc="CPU limit per container, e.g. 1.5; default from the step's resources.")
+    gpus: str | None = option(None, doc="GPUs to request: a count or 'all'; default from the step's resources.")
     shm_size: str | None = option(None, doc="Size of /dev/shm, e.g. 1g.")
-    user: str | None = option(None, doc="User to run the step as inside the container.")
+    user: str | None = option(None, doc="User to run steps as inside the container (default: nobody, 65534).")
     remove: bool = option(True, doc="Remove each container once its step finished.")
     stop_grace_s: int = option(2, doc="Seconds between SIGTERM and SIGKILL when a step is cancelled.")
-    requirements: list[str] = option([], doc="Extra host-installed distributions to ship in the image.")
-    project_root: str | None = option(None, doc="Directory of project code copied into the image "
-                                                "(default: the current directory).")
-    max_concurrency: int | None = option(None, doc="Most containers running at once for this operator.")
 
 
-@attrs.frozen
-class DockerOperatorSettings:
+@attrs.frozen(kw_only=True)
+class DockerOperatorSettings(JobSettings):
     """Per-step settings: ``@step(settings={"docker": {...}})``."""
 
     memory: str | None = option(None, doc="Memory limit for this step's container.")
     cpus: float | None = option(None, doc="CPU limit for this step's container.")
     gpus: str | None = option(None, doc="GPUs for this step: a count or 'all'.")
-    environment: dict[str, str] = option({}, doc="Extra environment variables for this step.")
     mounts: list[str] = option([], doc="Extra bind mounts for this step.")
     network: str | None = option(None, doc="Network mode for this step.")
-    base_image: str | None = option(None, doc="Base image for this step's image.")
-    requirements: list[str] = option([], doc="Extra distributions for this step's image.")
