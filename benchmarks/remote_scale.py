@@ -1,33 +1,33 @@
-"""Remote-job scale: N concurrent remote steps against an in-process, wire-level fake backend.
+"""Remote-job scale: stepflow's shared Tracker and submit RetryPolicy over an in-process FakeJobBackend.
 
-    python -m benchmarks.remote_scale --jobs 1000 --status batch --throttle 0.2
+    python -m benchmarks.remote_scale                   # every measurement, one table against the budgets
+    python -m benchmarks.remote_scale --profile         # and where the 10k-job run's CPU goes (cProfile)
+    python -m benchmarks.remote_scale --outage          # and how long a transient outage takes to fail jobs
 
-The backend is a real HTTP server (aiohttp.web on 127.0.0.1, in a thread of this process with
-its own event loop) with 20-50 ms latency on every request:
+The backend is ``stepflow.testing.FakeJobBackend``: jobs are ``job_command`` specs simulated on the
+event loop clock (no thread, no subprocess, no I/O), so the CPU measured is stepflow's own
+(the fake's bookkeeping included: it is charged, not subtracted). Every job goes the way
+``JobOperator`` takes it once its image and payload exist: submit through the operator's
+``RetryPolicy`` (6 attempts), follow with the backend's shared ``Tracker`` (status and log loops),
+wait, forget, cleanup. The fake's intervals are the docker backend's (poll 0.25 s, up to 2 s
+when nothing changes; logs every 0.5 s).
 
-    POST   /jobs             submit {name, payload_uri, output_uri, key, ...} -> {"id"}
-    GET    /jobs/{id}        one job's state
-    GET    /jobs?ids=a,b,..  batch status, at most 100 ids per request (like AWS Batch DescribeJobs)
-    GET    /jobs?name=NAME   find a job by name (idempotent submit)
-    DELETE /jobs/{id}        cancel
+Measurements and budgets:
 
-A job is PENDING for 0.1-0.5 s, RUNNING for a random 2-10 s, then it "runs" the step the way
-``python -m stepflow.entrypoint`` would (verifies and unpickles the signed payload, calls the
-function, writes the signed output envelope beside it) and turns SUCCEEDED. ``--throttle 0.2``
-answers 20% of all requests (any endpoint) with HTTP 429 after the latency.
+1. scale: ``--jobs`` (10,000) concurrent jobs of ``--min/max-duration`` seconds, each printing two
+   lines: process CPU seconds per 100 jobs (<= 0.3) and wall time.
+2. failing at once: 1,000 running jobs whose status calls start being refused (expired
+   credentials): seconds until every waiter got (and formatted) its own error (<= 10 s). Also
+   1,000 jobs exiting non-zero at the same instant: seconds until every waiter saw it.
+3. per-job status calls: 1,000 jobs on a backend without batch status (``batch_poll=False``,
+   one call per job per round), 0% and 20% throttling: the most status calls any job received,
+   divided by the status rounds run while it was followed (<= 2).
+4. submissions under 20% throttling (plus 5% of first submits losing their answer after the
+   job was created): every job created exactly once, at most ``attempts`` submit calls per job.
 
-``FakeOperator`` is a RemoteJobOperator that follows the documented backend contract: it raises
-``TransientBackendError`` on 429/5xx and does not retry by itself (retrying is the base's job).
-``--status batch`` overrides ``status_many`` with the batch endpoint (100 ids per request,
-chunks requested concurrently; states of the chunks that answered are returned); ``--status
-per-job`` keeps the base's default ``status_many`` (one ``status`` call per job).
-Everything else is stepflow's real remote path: payload written to the artifact store, submit,
-job recorded in the run store, coalesced polling, output envelope read back, events, outputs
-persisted. Only ``ensure_image`` is replaced (a fixed tag: images are measured by
-benchmarks/image_cache.py).
-
-CPU: process CPU (getrusage) over build + run, minus the backend thread's own CPU
-(RUSAGE_THREAD), is the orchestration CPU. Prints ``BENCH-RESULT {json}``.
+Prints the table and ``BENCH-RESULT {json}``: the scale run in the fields ``python -m benchmarks``
+reads (``--jobs/--status/--throttle/--min-duration/--max-duration`` set it up, as the suite's
+remote workload passes them), every measurement under ``measurements``.
 """
 
 from __future__ import annotations
@@ -35,323 +35,396 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import cProfile
+import io
 import json
-import os
+import pstats
 import random
 import resource
 import sys
-import tempfile
-import threading
 import time
-from types import SimpleNamespace
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import attrs
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
-
 import stepflow
-from stepflow import pipeline, step
-from stepflow.remote import JobSpec, JobState, RemoteJobOperator, TransientBackendError
-from stepflow.remote import _envelope as envelope
-from stepflow.remote._io import read_uri, write_uri
+from stepflow.errors import BackendError
+from stepflow.remote import Job, JobConfig, JobState, RetryPolicy, job_name
+from stepflow.remote._tracker import Tracker
+from stepflow.testing import FakeJobBackend, job_command
 
-BATCH_LIMIT = 100
-PHASES = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
-          "STOPPED": "stopped"}
-
-
-# ---------------------------------------------------------------- the fake backend
+BUDGET_CPU_PER_100 = 0.3
+BUDGET_FAIL_SECONDS = 10.0
+BUDGET_CALLS_PER_ROUND = 2.0
+ATTEMPTS = JobConfig().submit_attempts  # what JobOperator's RetryPolicy gets by default
 
 
-class FakeBackend:
-    """A job service over HTTP, run in its own thread and event loop."""
+def cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
-    def __init__(self, *, latency: tuple[float, float] = (0.020, 0.050), duration: tuple[float, float] = (2.0, 10.0),
-                 throttle: float = 0.0, seed: int = 0, deny_status_after: float | None = None) -> None:
-        self.latency = latency
-        #: seconds after start when status calls start answering 403 (credentials expired mid-run)
-        self.deny_status_after = deny_status_after
-        self.started = time.monotonic()
-        self.duration = duration
-        self.throttle = throttle
-        self.rng = random.Random(seed)
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self.by_name: dict[str, str] = {}
-        self.requests: collections.Counter[str] = collections.Counter()
-        self.throttled: collections.Counter[str] = collections.Counter()
-        self.executed = 0
-        self.exec_errors: list[str] = []
-        self.cpu_seconds = 0.0
-        self.port = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="fake-backend", daemon=True)
 
-    # -- lifecycle
-    def start(self) -> str:
-        self._thread.start()
-        self._ready.wait(30)
-        return f"http://127.0.0.1:{self.port}"
+def make_job(run_id: str, i: int, command: tuple[str, ...]) -> Job:
+    name = job_name(run_id, f"remote_work_{i}", 1, FakeJobBackend.limits)
+    return Job(name=name, image="127.0.0.1:5000/bench/fake-step:latest", command=command, env={"HOME": "/tmp"},
+               labels={"stepflow.run": run_id, "stepflow.step": f"remote_work_{i}", "stepflow.attempt": "1"},
+               run_id=run_id, step=f"remote_work_{i}", attempt=1, options=None)
 
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
 
-    def _main(self) -> None:
-        cpu0 = resource.getrusage(resource.RUSAGE_THREAD)
-        loop = self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
+class Fleet:
+    """N jobs taken the operator's way (submit with retries, follow, wait, forget, cleanup)."""
+
+    def __init__(self, backend: FakeJobBackend, run_id: str, *, max_failures: int = 20) -> None:
+        self.backend = backend
+        self.run_id = run_id
+        self.tracker = Tracker(backend, max_failures=max_failures)
+        self.policy = RetryPolicy(attempts=ATTEMPTS)
+        self.submit_calls: collections.Counter[str] = collections.Counter()
+        self.ids: list[str] = []
+        self.outcomes: dict[str, Any] = {}
+        self.done_at: dict[str, float] = {}
+        self.rounds: dict[str, int] = {}
+        self.lines = 0
+        self.running = 0
+        self.submit_errors: list[str] = []
+
+    def round_count(self) -> int:
+        stats = self.tracker.stats
+        return stats.poll_rounds + stats.failed_rounds
+
+    async def submit(self, job: Job) -> str | None:
+        async def once() -> str:
+            self.submit_calls[job.name] += 1
+            return await self.backend.submit(job)
+
         try:
-            loop.run_until_complete(self._serve())
+            return await self.policy.call(once, classify=self.backend.is_transient)
+        except Exception as exc:
+            self.submit_errors.append(f"{type(exc).__name__}: {exc}")
+            return None
+
+    async def follow(self, job_id: str, on_error: Callable[[BaseException], None] | None = None) -> None:
+        tracker = self.tracker
+
+        def on_state(state: JobState) -> None:
+            if state.phase == "running":
+                self.running += 1
+
+        def on_lines(lines: Sequence[str]) -> None:
+            self.lines += len(lines)
+
+        first_round = self.round_count()
+        watch = tracker.follow(job_id, on_state, on_lines)
+        state: JobState | None = None
+        try:
+            state = await tracker.wait(watch)
+            self.outcomes[job_id] = state
+        except BackendError as exc:
+            if on_error is not None:
+                on_error(exc)
+            self.outcomes[job_id] = exc
+            with contextlib.suppress(Exception):  # what JobOperator._stop does: stop the job it no longer follows
+                await self.policy.call(lambda: self.backend.cancel(job_id), classify=self.backend.is_transient)
         finally:
-            loop.close()
-            cpu1 = resource.getrusage(resource.RUSAGE_THREAD)
-            self.cpu_seconds = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+            self.done_at[job_id] = time.monotonic()
+            self.rounds[job_id] = self.round_count() - first_round
+            tracker.forget(job_id)
+            with contextlib.suppress(Exception):  # a leftover is not worth failing the step
+                await self.policy.call(lambda: self.backend.cleanup(job_id, state), classify=self.backend.is_transient)
 
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        app = web.Application(middlewares=[self._middleware])
-        app.router.add_post("/jobs", self._submit)
-        app.router.add_get("/jobs", self._list)
-        app.router.add_get("/jobs/{id}", self._get)
-        app.router.add_delete("/jobs/{id}", self._cancel)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=2048)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self._ready.set()
-        await self._stop.wait()
-        await runner.cleanup()
+    async def run(self, commands: Sequence[tuple[str, ...]],
+                  on_error: Callable[[BaseException], None] | None = None) -> None:
+        async def one(i: int, command: tuple[str, ...]) -> None:
+            job_id = await self.submit(make_job(self.run_id, i, command))
+            if job_id is None:
+                return
+            self.ids.append(job_id)
+            await self.follow(job_id, on_error)
 
-    # -- HTTP
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method == "GET" and request.path == "/jobs":
-            endpoint = "GET /jobs?ids" if "ids" in request.query else "GET /jobs?name"
-        elif request.method == "GET":
-            endpoint = "GET /jobs/{id}"
-        else:
-            endpoint = f"{request.method} {request.path if request.method == 'POST' else '/jobs/{id}'}"
-        self.requests[endpoint] += 1
-        throttled = self.throttle > 0 and self.rng.random() < self.throttle
-        await asyncio.sleep(self.rng.uniform(*self.latency))
-        if throttled:
-            self.throttled[endpoint] += 1
-            return web.json_response({"error": "ThrottlingException: rate exceeded"}, status=429)
-        if (self.deny_status_after is not None and endpoint in ("GET /jobs?ids", "GET /jobs/{id}")
-                and time.monotonic() - self.started > self.deny_status_after):
-            return web.json_response({"error": "ExpiredTokenException: the security token has expired"}, status=403)
-        return await handler(request)  # type: ignore[no-any-return]
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(commands)))
 
-    def _state(self, job: dict[str, Any]) -> dict[str, Any]:
-        now = time.monotonic()
-        status = job["final"] or ("PENDING" if now < job["start"] else "RUNNING")
-        return {"id": job["id"], "name": job["name"], "status": status, "detail": job.get("detail", "")}
-
-    async def _submit(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        if body["name"] in self.by_name:
-            return web.json_response({"id": self.by_name[body["name"]]})
-        job_id = f"j{len(self.jobs):06x}"
-        now = time.monotonic()
-        start = now + self.rng.uniform(0.1, 0.5)
-        end = start + self.rng.uniform(*self.duration)
-        job = {"id": job_id, "name": body["name"], "start": start, "end": end, "final": None, "spec": body}
-        self.jobs[job_id] = job
-        self.by_name[body["name"]] = job_id
-        job["timer"] = asyncio.get_running_loop().call_at(
-            asyncio.get_running_loop().time() + (end - now), self._finish, job)
-        return web.json_response({"id": job_id}, status=201)
-
-    async def _get(self, request: web.Request) -> web.Response:
-        job = self.jobs.get(request.match_info["id"])
-        if job is None:
-            return web.json_response({"error": "no such job"}, status=404)
-        return web.json_response(self._state(job))
-
-    async def _list(self, request: web.Request) -> web.Response:
-        if "name" in request.query:
-            job_id = self.by_name.get(request.query["name"])
-            return web.json_response({"jobs": [] if job_id is None else [self._state(self.jobs[job_id])]})
-        ids = [i for i in request.query.get("ids", "").split(",") if i]
-        if len(ids) > BATCH_LIMIT:
-            return web.json_response({"error": f"at most {BATCH_LIMIT} ids per request"}, status=400)
-        return web.json_response({"jobs": [self._state(self.jobs[i]) for i in ids if i in self.jobs]})
-
-    async def _cancel(self, request: web.Request) -> web.Response:
-        job = self.jobs.get(request.match_info["id"])
-        if job is None:
-            return web.json_response({"error": "no such job"}, status=404)
-        if job["final"] is None:
-            job["timer"].cancel()
-            job["final"] = "STOPPED"
-        return web.json_response(self._state(job))
-
-    # -- the job itself: what `python -m stepflow.entrypoint` does, in-process
-    def _finish(self, job: dict[str, Any]) -> None:
-        spec = job["spec"]
-        try:
-            key = bytes.fromhex(spec["key"])
-            header, body = envelope.decode(read_uri(spec["payload_uri"]), key, kind="payload")
-            fn = envelope.resolve_function(body["fn_ref"]) if "fn_ref" in body else body["fn"]
-            started = time.time()
-            value = fn(*body["args"], **body["kwargs"])
-            meta = {k: header.get(k) for k in ("run_id", "step", "attempt")}
-            write_uri(spec["output_uri"], envelope.encode(
-                "output", {"ok": True, "value": value, "duration": time.time() - started}, key, **meta))
-            job["final"] = "SUCCEEDED"
-            self.executed += 1
-        except Exception as exc:  # reported as a failed job, as a real backend would
-            job["final"] = "FAILED"
-            job["detail"] = f"{type(exc).__name__}: {exc}"
-            self.exec_errors.append(job["detail"])
+    def summary(self) -> dict[str, Any]:
+        states = [o for o in self.outcomes.values() if isinstance(o, JobState)]
+        errors = collections.Counter(f"{type(o).__name__}: {str(o)[:90]}" for o in self.outcomes.values()
+                                     if not isinstance(o, JobState))
+        errors.update(self.submit_errors)
+        stats = self.backend.stats
+        return {"succeeded": sum(s.phase == "succeeded" for s in states),
+                "failed": sum(s.phase == "failed" for s in states) + len(self.submit_errors)
+                + sum(not isinstance(o, JobState) for o in self.outcomes.values()),
+                "step_errors": dict(errors.most_common(3)), "poll_rounds": self.tracker.stats.poll_rounds,
+                "failed_rounds": self.tracker.stats.failed_rounds, "log_rounds": self.tracker.stats.log_rounds,
+                "poll_calls": stats.poll_calls, "ids_polled": stats.ids_polled, "log_calls": stats.log_calls,
+                "submit_calls": stats.submit_calls, "jobs_created": stats.jobs_created,
+                "created_twice": len(stats.created_twice()), "throttled": stats.throttled, "faults": stats.faults,
+                "lost_answers": stats.lost_answers, "log_lines": self.lines}
 
 
-# ---------------------------------------------------------------- the operator
+# ---------------------------------------------------------------- 1. scale
 
 
-class FakeOperator(RemoteJobOperator):
-    """A backend plugin for the fake service (see the module docstring)."""
-
-    flavor = "fake"
-
-    def __init__(self, name: str, base_url: str, *, batch_status: bool) -> None:
-        super().__init__(name, SimpleNamespace())
-        self.base_url = base_url
-        self.batch_status = batch_status
-        self._session: ClientSession | None = None
-        self.http_errors: collections.Counter[str] = collections.Counter()
-
-    async def attach(self, resources: Any) -> None:
-        # This benchmark has no registry or builder: ensure_image below returns a fixed tag.
-        placeholder = SimpleNamespace(name="none")
-        await super().attach(attrs.evolve(resources, container_registry=placeholder, image_builder=placeholder))
-
-    async def ensure_image(self, settings: Any, step: str) -> str:
-        return "127.0.0.1:5000/bench/fake-step:latest"
-
-    async def _http(self, method: str, path: str, **kwargs: Any) -> Any:
-        if self._session is None:
-            self._session = ClientSession(self.base_url, connector=TCPConnector(limit=100),
-                                          timeout=ClientTimeout(total=60))
-        async with self._session.request(method, path, **kwargs) as resp:
-            if resp.status == 429 or resp.status >= 500:
-                self.http_errors[str(resp.status)] += 1
-                raise TransientBackendError(f"{method} {path}: HTTP {resp.status} {await resp.text()}")
-            if resp.status >= 400:
-                raise stepflow.errors.BackendError(f"{method} {path}: HTTP {resp.status} {await resp.text()}")
-            return await resp.json()
-
-    @staticmethod
-    def _job_state(doc: dict[str, Any]) -> JobState:
-        return JobState(status=doc["status"], phase=PHASES[doc["status"]], detail=doc.get("detail", ""))  # type: ignore[arg-type]
-
-    async def submit(self, job: JobSpec) -> str:
-        body = {"name": job.name, "image": job.image, "payload_uri": job.payload_uri, "output_uri": job.output_uri,
-                "key": job.env[envelope.KEY_ENV], "step": job.step, "attempt": job.attempt}
-        return str((await self._http("POST", "/jobs", json=body))["id"])
-
-    async def status(self, job_id: str) -> JobState:
-        return self._job_state(await self._http("GET", f"/jobs/{job_id}"))
-
-    async def status_many(self, job_ids: list[str]) -> dict[str, JobState]:
-        if not self.batch_status:
-            return await super().status_many(job_ids)
-        chunks = [job_ids[i:i + BATCH_LIMIT] for i in range(0, len(job_ids), BATCH_LIMIT)]
-        answers = await asyncio.gather(*(self._http("GET", "/jobs", params={"ids": ",".join(c)}) for c in chunks),
-                                       return_exceptions=True)
-        out: dict[str, JobState] = {}
-        errors = []
-        for answer in answers:
-            if isinstance(answer, BaseException):
-                errors.append(answer)
-                continue
-            for doc in answer["jobs"]:
-                out[doc["id"]] = self._job_state(doc)
-        if errors and not out:
-            raise errors[0]  # nothing answered: let the base back off
-        for exc in errors:
-            if not isinstance(exc, TransientBackendError):
-                raise exc
-        return out
-
-    async def cancel(self, job_id: str) -> None:
-        await self._http("DELETE", f"/jobs/{job_id}")
-
-    async def aclose(self) -> None:
-        await super().aclose()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+async def scale(jobs: int, batch: bool, throttle: float, duration: tuple[float, float], seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    backend = FakeJobBackend("bench", throttle_rate=throttle, batch_poll=batch, seed=seed)
+    fleet = Fleet(backend, f"scale-{seed}")
+    commands = [job_command(seconds=rng.uniform(*duration), lines=(f"job {i} starts", f"job {i} done"))
+                for i in range(jobs)]
+    c0, t0 = cpu(), time.perf_counter()
+    await fleet.run(commands)
+    wall, used = time.perf_counter() - t0, cpu() - c0
+    out = fleet.summary()
+    out.update(jobs=jobs, status_mode="batch" if batch else "per-job", throttle=throttle, job_seconds=list(duration),
+               wall_s=wall, cpu_s=used, cpu_per_100_jobs_s=used / jobs * 100)
+    return out
 
 
-# ---------------------------------------------------------------- the pipeline
+# ---------------------------------------------------------------- 2. failing at once
 
 
-@step(step_operator="fake")
-def remote_work(i: int) -> int:
-    return i * 2
+async def refused_at_once(jobs: int, seed: int) -> dict[str, Any]:
+    """Running jobs whose status calls start being refused for good (credentials expired)."""
+    backend = FakeJobBackend("bench", seed=seed)
+    fleet = Fleet(backend, f"refused-{seed}")
+    got_error: list[float] = []
+    formatted = 0
+
+    def on_error(exc: BaseException) -> None:
+        nonlocal formatted
+        formatted += len("".join(traceback.format_exception(exc)))  # what recording a step's error costs
+        got_error.append(time.monotonic())
+
+    c0 = t0 = 0.0
+
+    async def expire() -> None:
+        nonlocal c0, t0
+        while fleet.running < jobs:  # every job followed and seen running
+            await asyncio.sleep(0.05)
+        c0, t0 = cpu(), time.monotonic()
+        backend.refuse("poll", lambda: BackendError("ExpiredTokenException: the security token included in the "
+                                                    "request is expired"))
+
+    await asyncio.gather(fleet.run([job_command(seconds=3600) for _ in range(jobs)], on_error), expire())
+    errors = [o for o in fleet.outcomes.values() if isinstance(o, BaseException)]
+    return {"jobs": jobs, "errors": len(errors), "distinct_exceptions": len({id(e) for e in errors}),
+            "seconds_to_all_errors": max(got_error) - t0 if got_error else None,
+            "seconds_to_all_stopped": max(fleet.done_at.values()) - t0, "cpu_s": cpu() - c0,
+            "traceback_chars": formatted, "message": str(errors[0]) if errors else ""}
 
 
-@pipeline
-def fleet(n: int) -> None:
-    for i in range(n):
-        remote_work(i)
+async def exit_at_once(jobs: int, seed: int) -> dict[str, Any]:
+    """Jobs that all exit non-zero at the same instant (submitted in one loop iteration)."""
+    backend = FakeJobBackend("bench", seed=seed, remove_on_cleanup=False)  # keep the records: their end times
+    fleet = Fleet(backend, f"exit-{seed}")
+    c0 = cpu()
+    await fleet.run([job_command(seconds=3.0, exit_code=1) for _ in range(jobs)])
+    last_end = max(rec.end_at for rec in backend.service.jobs.values())  # loop clock = time.monotonic()
+    failed = [o for o in fleet.outcomes.values() if isinstance(o, JobState) and o.phase == "failed"]
+    return {"jobs": jobs, "failed": len(failed), "cpu_s": cpu() - c0,
+            "end_spread_s": last_end - min(rec.end_at for rec in backend.service.jobs.values()),
+            "seconds_to_all_seen": max(fleet.done_at.values()) - last_end}
 
 
-async def bench(jobs: int, batch_status: bool, throttle: float, seed: int,
-                duration: tuple[float, float] = (2.0, 10.0), deny_status_after: float | None = None) -> dict[str, Any]:
-    backend = FakeBackend(throttle=throttle, seed=seed, duration=duration, deny_status_after=deny_status_after)
-    url = backend.start()
-    op = FakeOperator("fake", url, batch_status=batch_status)
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+async def outage(jobs: int, seed: int) -> dict[str, Any]:
+    """Running jobs whose status calls all fail transiently (5xx) from now on: the tracker gives up."""
+    backend = FakeJobBackend("bench", seed=seed)
+    fleet = Fleet(backend, f"outage-{seed}")
+    got_error: list[float] = []
+    c0 = t0 = 0.0
+
+    async def break_down() -> None:
+        nonlocal c0, t0
+        while fleet.running < jobs:
+            await asyncio.sleep(0.05)
+        c0, t0 = cpu(), time.monotonic()
+        backend.fault_rate = 1.0
+
+    await asyncio.gather(fleet.run([job_command(seconds=3600) for _ in range(jobs)],
+                                   lambda exc: got_error.append(time.monotonic())), break_down())
+    return {"jobs": jobs, "errors": len(got_error), "seconds_to_all_errors": max(got_error) - t0,
+            "failed_rounds": fleet.tracker.stats.failed_rounds, "cpu_s": cpu() - c0}
+
+
+# ---------------------------------------------------------------- 3. per-job status calls
+
+
+async def per_job_calls(jobs: int, throttle: float, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    backend = FakeJobBackend("bench", batch_poll=False, throttle_rate=throttle, seed=seed)
+    fleet = Fleet(backend, f"calls-{seed}")
+    await fleet.run([job_command(seconds=rng.uniform(1.0, 5.0)) for _ in range(jobs)])
+    polls = backend.stats.polls_by_id
+    ratios = [polls[j] / max(1, fleet.rounds[j]) for j in fleet.ids]
+    out = fleet.summary()
+    out.update(jobs=jobs, throttle=throttle, max_ratio=max(ratios), mean_ratio=sum(ratios) / len(ratios),
+               max_calls_per_job=max(polls[j] for j in fleet.ids))
+    return out
+
+
+# ---------------------------------------------------------------- 4. submissions
+
+
+async def submissions(jobs: int, throttle: float, lost: float, seed: int) -> dict[str, Any]:
+    backend = FakeJobBackend("bench", throttle_rate=throttle, fail_submit_after_create=lost, seed=seed)
+    fleet = Fleet(backend, f"submit-{seed}")
     t0 = time.perf_counter()
-    result = await stepflow.run(fleet(jobs), operators={"fake": op})
-    wall = time.perf_counter() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    backend.stop()
-    cpu_total = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    counts = result.counts()
-    errors = collections.Counter(
-        f"{s.error.type}: {s.error.message[:90]}" for s in result.steps.values() if s.error is not None)
-    status_requests = backend.requests["GET /jobs?ids"] + backend.requests["GET /jobs/{id}"]
-    orchestration = cpu_total - backend.cpu_seconds
-    return {
-        "jobs": jobs, "job_seconds": list(duration), "deny_status_after": deny_status_after, "status_mode": "batch" if batch_status else "per-job", "throttle": throttle,
-        "run_status": result.status, "succeeded": counts.get("succeeded", 0),
-        "failed": counts.get("failed", 0), "step_errors": dict(errors.most_common(3)),
-        "wall_s": wall, "cpu_process_s": cpu_total, "cpu_backend_s": backend.cpu_seconds,
-        "cpu_orchestration_s": orchestration, "cpu_orchestration_per_100_jobs_s": orchestration / jobs * 100,
-        "peak_rss_bytes": ru1.ru_maxrss * 1024,
-        "requests": dict(backend.requests), "throttled": dict(backend.throttled),
-        "status_requests": status_requests, "poll_rounds": op._poller.rounds,
-        "submitted": op.submissions, "backend_executed": backend.executed,
-        "backend_exec_errors": backend.exec_errors[:3],
-    }
+    ids = await asyncio.gather(*(fleet.submit(make_job(fleet.run_id, i, job_command(seconds=1))) for i in range(jobs)))
+    stats = backend.stats
+    created = stats.created_by_name
+    names = [make_job(fleet.run_id, i, ()).name for i in range(jobs)]
+    return {"jobs": jobs, "throttle": throttle, "lost_answer_rate": lost, "attempts": ATTEMPTS,
+            "submitted": sum(i is not None for i in ids), "created_once": sum(created[n] == 1 for n in names),
+            "created_twice": len(stats.created_twice()), "submit_calls": stats.submit_calls,
+            "max_calls_per_job": max(fleet.submit_calls.values()), "throttled": stats.throttled,
+            "lost_answers": stats.lost_answers, "wall_s": time.perf_counter() - t0,
+            "submit_errors": fleet.submit_errors[:3]}
+
+
+# ---------------------------------------------------------------- the table
+
+
+def row(name: str, measured: float, budget: float | None, unit: str, detail: str, *, ok: bool | None = None,
+        fmt: str = "{:.3f}") -> dict[str, Any]:
+    ratio = measured / budget if budget else None
+    met = ok if ok is not None else (None if budget is None else measured <= budget)
+    return {"measurement": name, "measured": measured, "unit": unit, "budget": budget, "ratio": ratio, "met": met,
+            "detail": detail, "text": fmt.format(measured) + (f" {unit}" if unit else "")}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["measurement", "measured", "budget", "ratio", "verdict", "detail"]
+    body = [[r["measurement"], r["text"], "-" if r["budget"] is None else f"<= {r['budget']:g} {r['unit']}".rstrip(),
+             "-" if r["ratio"] is None else f"{r['ratio']:.2f}",
+             {True: "met", False: "MISSED", None: "info"}[r["met"]], r["detail"]] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(x.ljust(w) for x, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def profile_scale(jobs: int, batch: bool, throttle: float, duration: tuple[float, float], seed: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    asyncio.run(scale(jobs, batch, throttle, duration, seed))
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    by_file: collections.Counter[str] = collections.Counter()
+    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        key = ("stepflow/remote/_tracker.py" if filename.endswith("_tracker.py") else
+               "stepflow/testing/_fake_backend.py" if filename.endswith("_fake_backend.py") else
+               "stepflow/remote/_retry.py" if filename.endswith("_retry.py") else
+               "benchmarks/remote_scale.py (the harness)" if filename.endswith("remote_scale.py") else
+               "asyncio" if "asyncio" in filename else "attrs-generated (JobState/LogBatch/Job)"
+               if filename.startswith("<attrs generated") else "other")
+        by_file[key] += tottime
+    total = sum(by_file.values())
+    buf.write(f"cProfile of the scale run ({jobs} jobs), own time by where it is spent ({total:.2f} s profiled):\n")
+    for key, seconds in by_file.most_common():
+        buf.write(f"  {seconds:7.2f} s  {seconds / total:5.1%}  {key}\n")
+    buf.write("\ntop functions by own time:\n")
+    stats.sort_stats("tottime").print_stats(15)
+    return buf.getvalue()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobs", type=int, default=1000)
-    ap.add_argument("--status", choices=("batch", "per-job"), default="batch")
-    ap.add_argument("--throttle", type=float, default=0.0, help="fraction of requests answered 429")
+    ap.add_argument("--jobs", type=int, default=10_000, help="jobs of the scale run and of the submissions")
+    ap.add_argument("--status", choices=("batch", "per-job"), default="batch", help="status calls of the scale run")
+    ap.add_argument("--throttle", type=float, default=0.0, help="fraction of calls throttled in the scale run")
+    ap.add_argument("--min-duration", type=float, default=2.0, help="shortest job of the scale run, seconds")
+    ap.add_argument("--max-duration", type=float, default=10.0, help="longest job of the scale run, seconds")
+    ap.add_argument("--fail-jobs", type=int, default=1000, help="jobs of the failing-at-once runs")
+    ap.add_argument("--calls-jobs", type=int, default=1000, help="jobs of the per-job status calls runs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-duration", type=float, default=2.0, help="shortest job run time, seconds")
-    ap.add_argument("--max-duration", type=float, default=10.0, help="longest job run time, seconds")
-    ap.add_argument("--deny-status-after", type=float, default=None, metavar="SECONDS",
-                    help="fault injection: status calls answer 403 (expired credentials) after SECONDS; every job "
-                         "then fails, and what that failure costs is measured")
+    ap.add_argument("--profile", action="store_true", help="also profile the scale run (a second run, cProfile)")
+    ap.add_argument("--outage", action="store_true",
+                    help="also time how long a transient outage of every status call takes to fail the jobs "
+                         "(about a minute: the tracker rides out 20 failed rounds)")
     a = ap.parse_args()
-    if not os.environ.get("STEPFLOW_HOME"):  # never touch the user's store
-        os.environ["STEPFLOW_HOME"] = tempfile.mkdtemp(prefix="stepflow-bench-")
-    out = asyncio.run(bench(a.jobs, a.status == "batch", a.throttle, a.seed, (a.min_duration, a.max_duration),
-                          a.deny_status_after))
-    out["stepflow"] = stepflow.__version__
-    out["python"] = sys.version.split()[0]
-    sys.stdout.write("BENCH-RESULT " + json.dumps(out) + "\n")
+    random.seed(a.seed)  # the retry policy's jitter
+    duration = (a.min_duration, a.max_duration)
+    batch = a.status == "batch"
+
+    s = asyncio.run(scale(a.jobs, batch, a.throttle, duration, a.seed))
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    refused = asyncio.run(refused_at_once(a.fail_jobs, a.seed))
+    exited = asyncio.run(exit_at_once(a.fail_jobs, a.seed))
+    calls = [asyncio.run(per_job_calls(a.calls_jobs, t, a.seed)) for t in (0.0, 0.2)]
+    subs = asyncio.run(submissions(a.jobs, 0.2, 0.05, a.seed))
+    down = asyncio.run(outage(a.fail_jobs, a.seed)) if a.outage else None
+
+    tag = f"{s['status_mode']} status, {s['throttle']:.0%} throttled"
+    rows = [
+        row(f"{a.jobs:,} concurrent jobs ({tag}): CPU per 100 jobs", s["cpu_per_100_jobs_s"], BUDGET_CPU_PER_100, "s",
+            f"{s['cpu_s']:.2f} CPU-s, wall {s['wall_s']:.1f} s for jobs of {duration[0]:g}-{duration[1]:g} s, "
+            f"{s['succeeded']}/{a.jobs} succeeded, {s['poll_calls']} status calls in {s['poll_rounds']} rounds, "
+            f"{s['log_calls']} log calls, peak RSS {peak_rss / 2**20:.0f} MiB",
+            ok=s["cpu_per_100_jobs_s"] <= BUDGET_CPU_PER_100 and s["succeeded"] == a.jobs),
+        row(f"{a.jobs:,} concurrent jobs: wall time", s["wall_s"], None, "s",
+            f"longest job {duration[1]:g} s; the rest is the last poll interval and the final log rounds",
+            fmt="{:.1f}"),
+        row(f"{a.fail_jobs:,} jobs failing at once (status refused: expired credentials): until every waiter "
+            "got its error", refused["seconds_to_all_errors"], BUDGET_FAIL_SECONDS, "s",
+            f"{refused['errors']} errors, {refused['distinct_exceptions']} distinct exception objects, "
+            f"{refused['cpu_s']:.2f} CPU-s incl. formatting every traceback ({refused['traceback_chars']:,} chars); "
+            f"all jobs stopped after {refused['seconds_to_all_stopped']:.2f} s",
+            ok=refused["errors"] == a.fail_jobs and refused["distinct_exceptions"] == a.fail_jobs
+            and refused["seconds_to_all_errors"] <= BUDGET_FAIL_SECONDS, fmt="{:.2f}"),
+        row(f"{a.fail_jobs:,} jobs exiting 1 at once: until every waiter saw it", exited["seconds_to_all_seen"],
+            BUDGET_FAIL_SECONDS, "s", f"{exited['failed']} failed states; the jobs' ends spread over "
+            f"{exited['end_spread_s'] * 1000:.0f} ms; {exited['cpu_s']:.2f} CPU-s for the whole run",
+            ok=exited["failed"] == a.fail_jobs and exited["seconds_to_all_seen"] <= BUDGET_FAIL_SECONDS,
+            fmt="{:.2f}"),
+    ]
+    for c in calls:
+        rows.append(row(f"per-job status calls / status rounds ({a.calls_jobs:,} jobs, batch_poll off, "
+                        f"{c['throttle']:.0%} throttled), worst job", c["max_ratio"], BUDGET_CALLS_PER_ROUND, "",
+                        f"mean {c['mean_ratio']:.2f}; {c['poll_calls']:,} status calls, {c['poll_rounds']} rounds "
+                        f"(+{c['failed_rounds']} failed), most calls for one job {c['max_calls_per_job']}; "
+                        f"{c['succeeded']}/{a.calls_jobs} succeeded",
+                        ok=c["max_ratio"] <= BUDGET_CALLS_PER_ROUND and c["succeeded"] == a.calls_jobs, fmt="{:.2f}"))
+    rows.append(row(f"submissions under 20% throttling + 5% lost answers ({a.jobs:,} jobs): most submit calls for "
+                    "one job", subs["max_calls_per_job"], float(ATTEMPTS), "",
+                    f"created exactly once: {subs['created_once']:,}/{a.jobs:,} (twice: {subs['created_twice']}); "
+                    f"{subs['submit_calls']:,} submit calls ({subs['submit_calls'] / a.jobs:.2f} per job, "
+                    f"<= {ATTEMPTS} allowed), {subs['throttled']:,} throttled, {subs['lost_answers']} answers lost, "
+                    f"{subs['submitted']:,} submitted, wall {subs['wall_s']:.1f} s",
+                    ok=subs["created_once"] == a.jobs and subs["submitted"] == a.jobs
+                    and subs["max_calls_per_job"] <= ATTEMPTS and subs["submit_calls"] <= ATTEMPTS * a.jobs,
+                    fmt="{:.0f}"))
+    if down is not None:
+        rows.append(row(f"{a.fail_jobs:,} jobs, every status call failing transiently (5xx): until every waiter "
+                        "got its error", down["seconds_to_all_errors"], None, "s",
+                        f"{down['errors']} errors after {down['failed_rounds']} failed rounds with backoff "
+                        f"(the tracker's outage tolerance), {down['cpu_s']:.2f} CPU-s", fmt="{:.1f}"))
+
+    print(f"remote scale: stepflow {stepflow.__version__}, Python {sys.version.split()[0]}, "
+          f"FakeJobBackend (poll {FakeJobBackend.poll_interval:g}-{FakeJobBackend.max_poll_interval:g} s, "
+          f"logs {FakeJobBackend.log_interval:g} s), submit attempts {ATTEMPTS}\n")
+    print(table(rows))
+    met = all(r["met"] is not False for r in rows)
+    print(f"\nbudgets {'all met' if met else 'MISSED: see the rows marked MISSED'}")
+    if a.profile:
+        print("\n" + profile_scale(a.jobs, batch, a.throttle, duration, a.seed))
+
+    # The scale run in the fields `python -m benchmarks` reads, every measurement beside it.
+    result = {
+        "jobs": a.jobs, "job_seconds": list(duration), "status_mode": s["status_mode"], "throttle": a.throttle,
+        "run_status": "succeeded" if s["succeeded"] == a.jobs else "failed", "succeeded": s["succeeded"],
+        "failed": s["failed"], "step_errors": s["step_errors"], "wall_s": s["wall_s"], "cpu_process_s": s["cpu_s"],
+        "cpu_backend_s": 0.0, "cpu_orchestration_s": s["cpu_s"], "cpu_orchestration_per_100_jobs_s":
+        s["cpu_per_100_jobs_s"], "peak_rss_bytes": peak_rss,
+        "requests": {"POST /jobs": s["submit_calls"], "status": s["poll_calls"], "logs": s["log_calls"]},
+        "throttled": {"all": s["throttled"]}, "status_requests": s["poll_calls"], "poll_rounds": s["poll_rounds"],
+        "submitted": s["jobs_created"], "backend": "stepflow.testing.FakeJobBackend (in-process)",
+        "budgets_met": met, "measurements": [{k: v for k, v in r.items() if k != "text"} for r in rows],
+        "details": {"scale": s, "refused_at_once": refused, "exit_at_once": exited, "per_job_calls": calls,
+                    "submissions": subs, "outage": down},
+        "stepflow": stepflow.__version__, "python": sys.version.split()[0],
+    }
+    sys.stdout.write("BENCH-RESULT " + json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Define steps with :func:`step`, wire them in a :func:`pipeline` function, and ex
 ``await run(my_pipeline(...))``. Every state change is a typed event on an :class:`EventBus`.
 """
 
-from stepflow._bus.bus import EventBus, Subscription
+from stepflow._bus.bus import EventBus, EventHandler, Subscription
 from stepflow._bus.sinks import ConsoleSink, JsonlSink, read_jsonl
 from stepflow._dsl.pipeline import Pipeline, PipelineDef, pipeline
 from stepflow._dsl.step import Step, StepOutput, step
@@ -23,10 +23,12 @@ from stepflow.errors import (
     UnknownOperatorError,
 )
 from stepflow.interfaces import EventSink, Invocation, StepOperator
+from stepflow.resources import Resources
 
 __all__ = [
     "ConsoleSink",
     "EventBus",
+    "EventHandler",
     "EventSink",
     "Invocation",
     "JsonlSink",
@@ -36,6 +38,7 @@ __all__ = [
     "Pipeline",
     "PipelineDef",
     "PipelineDefinitionError",
+    "Resources",
     "RunResult",
     "Step",
     "StepContext",

@@ -32,6 +32,7 @@ __all__ = [
     "StepSkipped",
     "StepStarted",
     "StepSucceeded",
+    "SubscriberFailed",
     "event_from_dict",
     "event_to_dict",
 ]
@@ -202,6 +203,21 @@ class SinkFailed(Event):
 
     sink: str
     error: str
+
+
+@attrs.frozen(slots=True)
+class SubscriberFailed(Event):
+    """An event handler (or a subscription's filter) raised and was detached; the run goes on.
+
+    The bus reports this outside the run's own sequence, so ``seq`` is 0; ``event`` and
+    ``event_seq`` name the event being handled when ``subscriber`` raised.
+    """
+
+    subscriber: str
+    error: str
+    event: str = ""
+    event_seq: int = 0
+    traceback: str = ""
 
 
 _FIELDS: dict[type[Event], tuple[str, ...]] = {}

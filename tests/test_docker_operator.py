@@ -22,6 +22,7 @@ import pytest
 
 from stepflow import EventBus, run
 from stepflow._stack.client import Client
+from stepflow.errors import BackendError, ConfigError
 from stepflow.events import (
     ImageBuildFinished,
     ImagePushed,
@@ -284,59 +285,47 @@ def test_sigkill_then_resume_submits_no_job_twice(project: Path, docker_stack: s
 
 # ------------------------------------------------------------------ bad input, end to end
 def operator(cls: type, project: Path, **config: Any) -> Any:
-    from stepflow_docker.operator_config import DockerOperatorConfig
+    """A docker operator around a (test-altered) DockerBackend class."""
+    from stepflow_docker.operator_config import DockerOperatorConfig, DockerOperatorSettings
 
-    return cls("docker", DockerOperatorConfig(project_root=str(project), **config))
+    from stepflow.remote import JobOperator
+
+    return JobOperator(cls("docker", DockerOperatorConfig(project_root=str(project), **config)),
+                       settings_class=DockerOperatorSettings)
+
+
+def payload_path(job: Any) -> Path:
+    return Path(job.command[job.command.index("--payload") + 1])
 
 
 @docker_test
-async def test_a_tampered_payload_is_refused_and_nothing_runs(project: Path, docker_stack: str,
-                                                              tmp_path: Path) -> None:
-    from stepflow_docker.operator import DockerStepOperator
+async def test_a_payload_changed_in_the_store_is_refused_and_nothing_runs(project: Path, docker_stack: str,
+                                                                          tmp_path: Path) -> None:
+    from stepflow_docker.operator import DockerBackend
 
-    class Tampering(DockerStepOperator):
+    class Tampering(DockerBackend):
         async def submit(self, job: Any) -> str:
-            path = Path(job.payload_uri)
+            path = payload_path(job)
             data = bytearray(path.read_bytes())
             data[-3] ^= 0xFF  # someone with write access to the store changes the pickled body
             path.write_bytes(bytes(data))
             return await super().submit(job)
 
     mod = module_of(project)
-    result = await run(mod.three(), operators={"docker": operator(Tampering, project)})
+    result, events = await run_with_events(mod.three(), operators={"docker": operator(Tampering, project)})
     err = result.steps["train"].error
     assert result.status == "failed" and err is not None
-    assert "PayloadError" in err.message and "signature mismatch" in err.message and "nothing was executed" in err.message
+    assert "exit code 2" in err.message and "wrote no output" in err.message
+    logs = "\n".join(e.line for e in events if isinstance(e, LogLine))
+    assert "does not match the sha256 its job was started with" in logs and "nothing was executed" in logs
     assert result.steps["evaluate"].status == "skipped"
 
 
 @docker_test
-async def test_a_version_mismatch_names_both_versions(project: Path, docker_stack: str) -> None:
-    from stepflow_docker.operator import DockerStepOperator
-
-    from stepflow.remote import _envelope as envelope
-
-    class OldRunner(DockerStepOperator):
-        async def _payload(self, inv: Any, key: bytes, store: Any, base: str) -> bytes:
-            data = await super()._payload(inv, key, store, base)
-            magic, head, _mac, body = envelope._split(data)
-            header = json.loads(head)
-            header["cloudpickle"] = "2.0.0"  # as if the runner had another cloudpickle
-            head = json.dumps(header, sort_keys=True).encode() + b"\n"
-            return magic + head + envelope.sign(key, magic, head, body).encode() + b"\n" + body
-
-    mod = module_of(project)
-    result = await run(mod.three(), operators={"docker": operator(OldRunner, project)})
-    err = result.steps["train"].error
-    assert err is not None and "VersionMismatchError" in err.message
-    assert "written with cloudpickle 2.0.0 but this process has cloudpickle 3." in err.message
-
-
-@docker_test
 async def test_output_missing_after_the_job_claims_success(project: Path, docker_stack: str) -> None:
-    from stepflow_docker.operator import DockerStepOperator
+    from stepflow_docker.operator import DockerBackend
 
-    class WrongCommand(DockerStepOperator):
+    class WrongCommand(DockerBackend):
         async def submit(self, job: Any) -> str:
             import attrs
 
@@ -349,35 +338,82 @@ async def test_output_missing_after_the_job_claims_success(project: Path, docker
 
 
 @docker_test
-async def test_an_unreachable_daemon_says_how_to_start_it(project: Path, docker_stack: str) -> None:
-    from stepflow_docker.operator import DockerStepOperator
+async def test_an_unreachable_daemon_fails_the_run_before_it_starts(project: Path, docker_stack: str) -> None:
+    from stepflow_docker.operator import DockerBackend
 
-    c = Client()
-    c.register_component("image_builder", "nowhere", "docker", {"docker_host": "unix:///tmp/no-such-docker.sock"})
-    c.update_stack("docker_stack", image_builder="nowhere")
     mod = module_of(project)
-    result = await run(mod.three(), operators={
-        "docker": operator(DockerStepOperator, project, docker_host="unix:///tmp/no-such-docker.sock")})
-    err = result.steps["train"].error
-    assert err is not None and "cannot reach the Docker daemon at unix:///tmp/no-such-docker.sock" in err.message
-    assert "Start it" in err.message
+    with pytest.raises(BackendError, match=r"cannot reach the Docker daemon at unix:///tmp/no-such-docker\.sock.*"
+                                           r"Start it"):
+        await run(mod.three(), operators={
+            "docker": operator(DockerBackend, project, docker_host="unix:///tmp/no-such-docker.sock")})
 
 
 @docker_test
-async def test_an_unreachable_registry_is_named(project: Path, docker_stack: str) -> None:
+async def test_an_unreachable_registry_fails_the_run_before_it_starts(project: Path, docker_stack: str) -> None:
     c = Client()
     c.register_component("container_registry", "dead", "default", {"uri": "127.0.0.1:1/x"})
     c.update_stack("docker_stack", container_registry="dead")
     mod = module_of(project)
-    result = await run(mod.three())
-    err = result.steps["train"].error
-    assert err is not None and "container registry 127.0.0.1:1/x" in err.message and "unreachable" in err.message
+    with pytest.raises(ConfigError, match=r"cannot push step images: container registry 127\.0\.0\.1:1/x"):
+        await run(mod.three())
 
 
 @docker_test
-async def test_a_missing_base_image_is_explained(project: Path, docker_stack: str) -> None:
+async def test_a_missing_base_image_fails_the_run_before_it_starts(project: Path, docker_stack: str) -> None:
     Client().update_component("step_operator", "docker", {"base_image": "stepflow-nope:0.0"})
     mod = module_of(project)
-    result = await run(mod.three())
-    err = result.steps["train"].error
-    assert err is not None and "base image 'stepflow-nope:0.0' not found" in err.message
+    with pytest.raises(ConfigError, match=r"base image 'stepflow-nope:0\.0' is not on the image builder's Docker "
+                                          r"daemon"):
+        await run(mod.three())
+
+
+@docker_test
+def test_config_errors_exit_2_with_one_clear_line(project: Path, docker_stack: str, cli_env: dict[str, str]) -> None:
+    Client().update_component("step_operator", "docker", {"base_image": "stepflow-nope:0.0"})
+    name = next(p.stem for p in project.glob("dpipes_*.py"))
+    env = {**cli_env, "PYTHONPATH": os.pathsep.join([str(project), cli_env["PYTHONPATH"]]),
+           "STEPFLOW_HOME": os.environ["STEPFLOW_HOME"]}
+    out = subprocess.run([sys.executable, "-m", "stepflow", "run", f"{name}:three", "--no-progress"], cwd=project,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "base image 'stepflow-nope:0.0'" in out.stderr and "Traceback" not in out.stdout + out.stderr
+    assert out.stderr.count("error:") == 1 and out.stderr.count("is not on the image builder") == 1
+
+
+@docker_test
+async def test_resources_become_container_limits_and_impossible_ones_fail_early(project: Path,
+                                                                                docker_stack: str) -> None:
+    from stepflow import Resources, pipeline, step
+    from stepflow.errors import PipelineDefinitionError
+
+    @step(step_operator="docker", resources=Resources(cpu=1, memory="256MiB"))
+    def limits() -> dict:
+        import pathlib
+
+        mem = pathlib.Path("/sys/fs/cgroup/memory.max")
+        legacy = pathlib.Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        cpu = pathlib.Path("/sys/fs/cgroup/cpu.max")
+        return {"memory": (mem if mem.exists() else legacy).read_text().strip(),
+                "cpu": cpu.read_text().strip() if cpu.exists() else "", "uid": __import__("os").getuid()}
+
+    @pipeline
+    def limited():
+        limits()
+
+    result = await run(limited())
+    assert result.status == "succeeded", result.steps["limits"].error
+    out = result.outputs["limits"]
+    assert out["memory"] == str(256 * 1024 * 1024)
+    assert out["uid"] == 65534  # not root
+    if out["cpu"]:
+        assert out["cpu"].split()[0] == "100000"
+
+    @step(step_operator="docker", resources=Resources(cpu=4096, gpu=1))
+    def impossible() -> None: ...
+
+    @pipeline
+    def too_big():
+        impossible()
+
+    with pytest.raises(PipelineDefinitionError, match=r"cpu=4096, but this Docker host has \d+ CPUs"):
+        await run(too_big())

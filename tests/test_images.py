@@ -6,28 +6,41 @@ Timings are printed as ``METRIC name value`` lines (``pytest -s`` shows them).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 import subprocess
+import sys
+import tarfile
 import time
-from collections.abc import Awaitable, Callable
+import zipfile
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from packaging.utils import parse_wheel_filename
 from stepflow_docker.builder import DockerImageBuilder, split_reference
 from stepflow_docker.flavors import DockerBuilderConfig, DockerImageBuilderFlavor
 
 from stepflow.errors import BackendError, ImageBuildError
 from stepflow.events import Event, ImageBuildFinished, ImageBuildStarted, ImagePushed, LogLine
+from stepflow.remote import _images
 from stepflow.remote._images import (
     ImageManager,
     ImageSpec,
+    WheelTarget,
+    check_base,
+    file_lock,
+    host_platform,
+    normalize_platform,
     render_dockerfile,
     resolve_closure,
     stage_project,
     tree_hash,
+    unpack_wheel,
 )
 from tests import docker_env
 from tests.docker_env import BASE_IMAGE, docker_test
@@ -65,9 +78,9 @@ class CountingBuilder(DockerImageBuilder):
         self.builds = 0
         self.pushes = 0
 
-    async def build(self, context: Path, tag: str, *, progress: Any = None) -> str:
+    async def build(self, context: Path, tag: str, *, progress: Any = None, platform: str | None = None) -> str:
         self.builds += 1
-        return await super().build(context, tag, progress=progress)
+        return await super().build(context, tag, progress=progress, platform=platform)
 
     async def push(self, tag: str, credentials: tuple[str, str] | None = None, *, progress: Any = None) -> None:
         self.pushes += 1
@@ -175,12 +188,14 @@ def test_closure_and_dockerfile() -> None:
     assert any(i.startswith("stepflow-docker==") for i in installs)  # a locally installed plugin
     with pytest.raises(ImageBuildError, match="distribution 'nope' is not installed on the host"):
         resolve_closure(["nope"])
-    text = render_dockerfile("base:1", ["stepflow==0.1.0"], ENV, True)
+    text = render_dockerfile("base:1", ENV, True, (3, 11))
     assert 'ENV STEPFLOW_TEST_ENV="a \\"quoted\\" \\$HOME \\\\ value"' in text
-    assert '"--no-index", "--find-links", "/opt/stepflow/wheels", "--break-system-packages"' in text
+    # Files only: an image for another architecture builds without running anything of it.
+    assert 'ENV PYTHONUSERBASE=/opt/stepflow PATH="/opt/stepflow/bin:${PATH}"\nADD python.tar /opt/stepflow/\n' in text
+    assert not any(line.startswith("RUN") for line in text.splitlines())
     assert text.endswith("ENV PYTHONPATH=/opt/stepflow/project\nWORKDIR /opt/stepflow/project\n")
     with pytest.raises(ImageBuildError, match="invalid environment variable name"):
-        render_dockerfile("base:1", [], (("NOT VALID", "x"),), False)
+        render_dockerfile("base:1", (("NOT VALID", "x"),), False, (3, 11))
 
 
 def test_flavor_is_light_and_creates_the_builder() -> None:
@@ -469,3 +484,342 @@ async def test_wheelhouse_cache_survives_a_cleared_docker_cache(builder: Any, ma
         assert tag_of(second) == tag_of(first)  # the tag depends neither on the registry nor on the daemon's cache
 
     await rerun_if_checkout_changes(scenario)
+
+
+# ------------------------------------------------------------------------------------ platforms
+PY = (sys.version_info[0], sys.version_info[1])
+PY_TAG = f"cp{PY[0]}{PY[1]}"
+needs_amd64_host = pytest.mark.skipif(host_platform() != "linux/amd64", reason="the scenarios assume an amd64 host")
+
+
+def binary_platforms(paths: list[Path]) -> dict[str, set[str]]:
+    """Platform tags of every wheel that is not pure Python, by file name."""
+    out = {}
+    for path in paths:
+        platforms = {t.platform for t in parse_wheel_filename(path.name)[3]}
+        if platforms != {"any"}:
+            out[path.name] = platforms
+    return out
+
+
+def fake_installed(site: Path, name: str, version: str, *, direct: dict[str, Any] | None = None,
+                   pure: bool | None = None) -> None:
+    """Make ``name`` look installed (metadata only) in the throw-away site dir ``site``."""
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if direct is not None:
+        (info / "direct_url.json").write_text(json.dumps(direct))
+    if pure is not None:
+        tag = "py3-none-any" if pure else f"{PY_TAG}-{PY_TAG}-linux_x86_64"
+        (info / "WHEEL").write_text(f"Wheel-Version: 1.0\nRoot-Is-Purelib: {str(pure).lower()}\nTag: {tag}\n")
+
+
+def test_wheel_targets_select_manylinux_tags_of_the_target_arch() -> None:
+    assert normalize_platform("linux/aarch64") == normalize_platform("Linux/arm64/v8") == "linux/arm64"
+    assert normalize_platform("linux/x86_64") == "linux/amd64"
+    with pytest.raises(ImageBuildError, match=r"unsupported image platform 'windows/amd64'.*linux/amd64, linux/arm64"):
+        normalize_platform("windows/amd64")
+    arm = WheelTarget.of("linux/arm64", (3, 11), "glibc 2.36")
+    amd = WheelTarget.of("linux/amd64", (3, 11), "glibc 2.36")
+    tags = arm.platform_tags()
+    assert tags[0] == "manylinux_2_36_aarch64" and tags[-2:] == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
+    assert all(t.endswith("_aarch64") and t.startswith("manylinux") for t in tags)  # never linux_aarch64
+    assert amd.platform_tags()[-1] == "manylinux1_x86_64" and "manylinux2010_x86_64" in amd.platform_tags()
+    assert arm.key != amd.key and arm.key == "cp311-manylinux_2_36_aarch64"  # the wheel cache keeps them apart
+    args = arm.pip_args()
+    assert args[-10:] == ["--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
+                          "--abi", "none"]
+    assert WheelTarget.of("linux/arm64", (3, 11), "musl").platform_tags() == ["musllinux_1_2_aarch64",
+                                                                             "musllinux_1_1_aarch64"]
+    assert WheelTarget.of("linux/amd64", (3, 11), "").libc_version == (2, 28)  # unknown C library: a safe floor
+    assert arm.accepts("six-1.17.0-py2.py3-none-any.whl") and amd.accepts("six-1.17.0-py2.py3-none-any.whl")
+    aarch64 = "cffi-2.1.1-cp311-cp311-manylinux2014_aarch64.manylinux_2_17_aarch64.whl"
+    assert arm.accepts(aarch64) and not amd.accepts(aarch64)
+    assert not arm.accepts("x-1-cp311-abi3-manylinux_2_38_aarch64.whl")  # needs a newer glibc than the base has
+    assert not arm.accepts("x-1-cp312-cp312-manylinux_2_17_aarch64.whl")  # another Python
+    # A wheel built on this host runs on the host's platform only.
+    host_built = f"x-1-{PY_TAG}-{PY_TAG}-linux_x86_64.whl"
+    if host_platform() == "linux/amd64":
+        assert WheelTarget.of("linux/amd64", PY, "glibc 2.36").accepts(host_built)
+    assert not WheelTarget.of("linux/arm64", PY, "glibc 2.36").accepts(host_built)
+
+
+def test_base_image_checks_name_both_sides() -> None:
+    info = {"platform": "linux/amd64", "python": [3, 11], "libc": "glibc 2.36", "user_site": True}
+    target = check_base("base:1", info, "linux/amd64", runner=(3, 11))
+    assert target == WheelTarget("linux/amd64", (3, 11), "glibc", (2, 36))
+    with pytest.raises(ImageBuildError, match=r"base image 'base:1' has Python 3\.12, but this runner uses Python "
+                                              r"3\.11: .*cloudpickle.*Use a base image with Python 3\.11"):
+        check_base("base:1", dict(info, python=[3, 12]), "linux/amd64", runner=(3, 11))
+    with pytest.raises(ImageBuildError, match=r"base image 'base:1' is a linux/amd64 image, but the step image is "
+                                              r"for linux/arm64.*docker pull --platform linux/arm64"):
+        check_base("base:1", info, "linux/arm64", runner=(3, 11))
+    with pytest.raises(ImageBuildError, match=r"ignores user site-packages"):
+        check_base("base:1", dict(info, user_site=False), "linux/amd64", runner=(3, 11))
+    assert check_base("b", dict(info, platform="linux/arm64/v8"), "linux/aarch64", runner=(3, 11)).machine == "aarch64"
+
+
+def test_unpack_wheel_lays_out_a_user_base(tmp_path: Path) -> None:
+    wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("demo_pkg/__init__.py", "def main():\n    print('demo ran')\n")
+        zf.writestr("demo_pkg-1.0.data/purelib/demo_extra.py", "X = 2\n")
+        zf.writestr("demo_pkg-1.0.data/scripts/demo-tool", "#!python\nprint('tool ran')\n")
+        zf.writestr("demo_pkg-1.0.data/data/share/demo/readme.txt", "data\n")
+        zf.writestr("demo_pkg-1.0.data/headers/demo.h", "int demo;\n")
+        zf.writestr("demo_pkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n")
+        zf.writestr("demo_pkg-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr("demo_pkg-1.0.dist-info/entry_points.txt", "[console_scripts]\nDemo = demo_pkg:main\n")
+        zf.writestr("demo_pkg-1.0.dist-info/RECORD", "")
+    dest = tmp_path / "base"
+    unpack_wheel(wheel, dest, (3, 11))
+    site = dest / "lib/python3.11/site-packages"
+    assert (site / "demo_pkg/__init__.py").is_file() and (site / "demo_extra.py").is_file()
+    assert (dest / "share/demo/readme.txt").read_text() == "data\n"
+    assert (dest / "include/python3.11/demo-pkg/demo.h").is_file()
+    tool, launcher = dest / "bin/demo-tool", dest / "bin/Demo"
+    assert tool.read_text() == "#!/usr/bin/env python3\nprint('tool ran')\n" and tool.stat().st_mode & 0o777 == 0o755
+    assert launcher.read_text().startswith("#!/usr/bin/env python3\n") and launcher.stat().st_mode & 0o111
+    ran = subprocess.run([sys.executable, str(launcher)], env={"PYTHONPATH": str(site)}, capture_output=True,
+                         text=True, check=True)
+    assert ran.stdout == "demo ran\n"
+    record = {line.split(",")[0] for line in (site / "demo_pkg-1.0.dist-info/RECORD").read_text().splitlines()}
+    assert {"demo_pkg/__init__.py", "demo_extra.py", "../../../bin/demo-tool", "../../../bin/Demo",
+            "../../../share/demo/readme.txt", "demo_pkg-1.0.dist-info/INSTALLER",
+            "demo_pkg-1.0.dist-info/RECORD"} <= record
+    evil = tmp_path / "evil-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../evil.py", "")
+    with pytest.raises(ImageBuildError, match=r"unsafe member path '\.\./evil\.py'"):
+        unpack_wheel(evil, tmp_path / "evil", (3, 11))
+
+
+async def test_wheel_cache_lock_is_shared_between_processes_and_cancellable(tmp_path: Path) -> None:
+    lock = tmp_path / "cache" / ".lock"
+    lock.parent.mkdir()
+    code = ("import filelock, sys, time\nlock = filelock.FileLock(sys.argv[1])\nlock.acquire()\n"
+            "print('held', flush=True)\ntime.sleep(1.5)\nlock.release()\n")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    async with await anyio.open_process([sys.executable, "-c", code, str(lock)]) as holder, \
+            anyio.create_task_group() as tg:
+        assert holder.stdout is not None
+        assert (await holder.stdout.receive()).startswith(b"held")
+        tg.start_soon(ticker)
+        with anyio.move_on_after(0.4) as scope:
+            async with file_lock(lock):
+                pytest.fail("acquired a lock another process holds")
+        assert scope.cancelled_caught  # waiting can be cancelled ...
+        assert ticks >= 20  # ... and never blocked the event loop
+        t0 = time.perf_counter()
+        async with file_lock(lock):
+            waited = time.perf_counter() - t0
+        tg.cancel_scope.cancel()
+    assert 0.3 < waited < 5  # got it once the other process let go
+
+
+@pytest.fixture
+def pretend_arm64_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as if this host were linux/arm64: wheels built here would then run on arm64 only."""
+    monkeypatch.setattr(_images, "host_platform", lambda: "linux/arm64")
+
+
+@needs_amd64_host
+async def test_wheelhouse_is_chosen_for_the_target_not_the_host(wheel_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On this amd64 host, an arm64 wheelhouse is all aarch64; on a (pretended) arm64 host, amd64 is x86_64."""
+    mgr = ImageManager(None, None, cache_dir=wheel_cache)  # type: ignore[arg-type]  # wheels only
+    arm = WheelTarget.of("linux/arm64", PY, "glibc 2.36")
+    t0 = time.perf_counter()
+    arm_wheels = await mgr.wheelhouse([], arm)
+    metric("arm64_wheelhouse_seconds", time.perf_counter() - t0)
+    binary = binary_platforms(arm_wheels)
+    print("arm64 binary wheels:", *sorted(binary), sep="\n  ")
+    assert len(binary) >= 5  # aiohttp, cffi, cryptography, multidict, yarl... (dependencies of stepflow and plugins)
+    for name, platforms in binary.items():
+        assert all(p.endswith("_aarch64") and p.startswith(("manylinux", "musllinux")) for p in platforms), name
+    assert all(p.is_relative_to(wheel_cache / "wheels" / arm.key) for p in arm_wheels)
+
+    monkeypatch.setattr(_images, "host_platform", lambda: "linux/arm64")
+    amd = WheelTarget.of("linux/amd64", PY, "glibc 2.36")
+    amd_wheels = await mgr.wheelhouse([], amd)
+    binary = binary_platforms(amd_wheels)
+    print("amd64 binary wheels:", *sorted(binary), sep="\n  ")
+    assert len(binary) >= 5
+    for name, platforms in binary.items():
+        assert all(p.endswith("_x86_64") and p.startswith("manylinux") for p in platforms), name
+    assert {p.name for p in arm_wheels}.isdisjoint(binary)  # amd64 and arm64 wheels never mix
+
+
+@needs_amd64_host
+async def test_missing_wheels_for_the_platform_name_package_and_platform(tmp_path: Path, wheel_cache: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    # psycopg2 publishes source distributions only, and has C code: no linux/arm64 wheel can be had here.
+    fake_installed(site, "psycopg2", "2.9.10", pure=False)
+    # docopt publishes a source distribution only, pure Python: its wheel, built here, runs anywhere.
+    fake_installed(site, "docopt", "0.6.2")
+    # A local project with a (declared) C extension builds a platform-specific wheel.
+    src = tmp_path / "cext"
+    src.mkdir()
+    (src / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\n'
+                                        'build-backend = "setuptools.build_meta"\n')
+    (src / "setup.py").write_text(
+        "from setuptools import setup\nfrom setuptools.dist import Distribution\n\n\n"
+        "class Binary(Distribution):\n    def has_ext_modules(self):\n        return True\n\n\n"
+        "setup(name='stepflow-test-cext', version='0.1.0', py_modules=['stepflow_test_cext'], distclass=Binary)\n")
+    (src / "stepflow_test_cext.py").write_text("VALUE = 1\n")
+    fake_installed(site, "stepflow-test-cext", "0.1.0", direct={"url": src.as_uri(), "dir_info": {}})
+    monkeypatch.syspath_prepend(str(site))
+    mgr = ImageManager(None, None, cache_dir=wheel_cache)  # type: ignore[arg-type]
+    arm = WheelTarget.of("linux/arm64", PY, "glibc 2.36")
+
+    with pytest.raises(ImageBuildError, match=r"(?s)cannot get a wheel of 'psycopg2==2\.9\.10' for linux/arm64 "
+                                              r"\(CPython 3\.\d+, glibc 2\.36\): the package index has none.*"
+                                              r"Pin a version of psycopg2 that publishes wheels for linux/arm64.*"
+                                              r"build the image on a linux/arm64 host"):
+        await mgr.wheelhouse(["psycopg2"], arm)
+    with pytest.raises(ImageBuildError, match=r"'stepflow-test-cext' has no wheel for linux/arm64 .*"
+                                              rf"stepflow_test_cext-0\.1\.0-{PY_TAG}-{PY_TAG}-linux_x86_64\.whl, which "
+                                              r"does not run there.*build the image on a linux/arm64 host"):
+        await mgr.wheelhouse(["stepflow-test-cext"], arm)
+    assert not list((wheel_cache / "wheels" / arm.key / "local").glob("stepflow-test-cext-*"))  # nothing cached
+
+    names = {p.name for p in await mgr.wheelhouse(["docopt"], arm)}
+    assert "docopt-0.6.2-py3-none-any.whl" in names
+    # On this host's own platform the platform-specific wheel is fine.
+    amd = WheelTarget.of("linux/amd64", PY, "glibc 2.36")
+    names = {p.name for p in await mgr.wheelhouse(["stepflow-test-cext"], amd)}
+    assert f"stepflow_test_cext-0.1.0-{PY_TAG}-{PY_TAG}-linux_x86_64.whl" in names
+
+
+# ------------------------------------------------------------------------------------ platforms, real daemon
+@docker_test
+async def test_base_image_inspection_is_real_and_cached(builder: Any, registry: Any, project: Path,
+                                                        wheel_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = await builder.inspect_base(BASE_IMAGE)
+    read = await builder.inspect_base(BASE_IMAGE, run=False)  # from its files, as for a foreign architecture
+    assert ran["platform"] == read["platform"] == "linux/amd64"
+    assert ran["python"] == read["python"] == [3, 11]
+    assert ran["user_site"] is True and re.fullmatch(r"glibc 2\.\d+", ran["libc"]) and read["libc"] == ran["libc"]
+
+    monkeypatch.setattr(_images, "_BASE_INFO", {})
+    mgr = ImageManager(builder, registry, cache_dir=wheel_cache)
+    with pytest.raises(ImageBuildError, match=rf"base image '{re.escape(BASE_IMAGE)}' is a linux/amd64 image, but "
+                                              r"the step image is for linux/arm64"):
+        await mgr.ensure(ImageSpec(base_image=BASE_IMAGE, project_root=project, platform="linux/arm64"))
+    with pytest.raises(ImageBuildError, match="is a linux/amd64 image"):
+        await mgr.ensure(ImageSpec(base_image=BASE_IMAGE, project_root=project, env=ENV, platform="linux/arm64"))
+    assert mgr.stats.base_inspections == 1  # once per base image id
+
+    class Py312(DockerImageBuilder):
+        async def inspect_base(self, ref: str, *, run: bool = True) -> dict[str, Any]:
+            return dict(await super().inspect_base(ref, run=run), python=[3, 12])
+
+    monkeypatch.setattr(_images, "_BASE_INFO", {})
+    other = Py312()
+    try:
+        with pytest.raises(ImageBuildError, match=rf"base image '{re.escape(BASE_IMAGE)}' has Python 3\.12, but this "
+                                                  rf"runner uses Python {PY[0]}\.{PY[1]}"):
+            await ImageManager(other, registry, cache_dir=wheel_cache).ensure(ImageSpec(base_image=BASE_IMAGE))
+    finally:
+        await other.aclose()
+
+
+async def image_listing(ref: str, code: str) -> Any:
+    """Run ``code`` with the image's python3; return the JSON it prints last."""
+    out = await docker("run", "--rm", "--network", "none", ref, "python3", "-c", code)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+WHEEL_TAGS = ("import glob, json; print(json.dumps({p.split('/')[-2]: [l.split(': ')[1] for l in open(p).read()"
+              ".splitlines() if l.startswith('Tag: ')] for p in glob.glob('/opt/stepflow/lib/python*/site-packages/"
+              "*.dist-info/WHEEL')}))")
+
+
+@docker_test
+@needs_amd64_host
+async def test_arm64_host_builds_an_amd64_image_of_manylinux_wheels(builder: Any, registry: Any, project: Path,
+                                                                      wheel_cache: Path, pretend_arm64_host: None) -> None:
+    """A step built on an arm64 host produces a linux/amd64 image whose wheels are manylinux."""
+    mgr = ImageManager(builder, registry, cache_dir=wheel_cache)
+    t0 = time.perf_counter()
+    ref = await mgr.ensure(ImageSpec(base_image=BASE_IMAGE, project_root=project, env=ENV, platform="linux/amd64"))
+    metric("amd64_image_from_arm64_host_seconds", time.perf_counter() - t0)
+    await docker("rmi", ref)  # run what was pushed
+    await docker("pull", ref)
+    assert (await docker("image", "inspect", "-f", "{{.Os}}/{{.Architecture}}", ref)).strip() == "linux/amd64"
+    tags = await image_listing(ref, WHEEL_TAGS)
+    assert "stepflow-" + __import__("stepflow").__version__ + ".dist-info" in tags
+    binary = {info: t for info, t in tags.items() if any(not tag.endswith("-any") for tag in t)}
+    print("wheel tags in the image:", *(f"{k}: {v}" for k, v in sorted(binary.items())), sep="\n  ")
+    assert len(binary) >= 5
+    for info, wheel_tags in binary.items():
+        assert all(re.search(r"-manylinux(_\d+_\d+|1|2010|2014)_x86_64$", t) for t in wheel_tags), info
+    # The binary modules load, and the step entrypoint starts.
+    code = ("import importlib, json, pathlib, site; root = pathlib.Path(site.getusersitepackages()); bad = []\n"
+            "for so in sorted(root.rglob('*.so')):\n"
+            "    name = '.'.join(so.relative_to(root).with_suffix('').with_suffix('').parts)\n"
+            "    try:\n        importlib.import_module(name)\n"
+            "    except Exception as exc:\n        bad.append(f'{name}: {exc}')\n"
+            "print(json.dumps([len(list(root.rglob('*.so'))), bad]))")
+    count, bad = await image_listing(ref, code)
+    assert count >= 5 and bad == []
+    out = await docker("run", "--rm", "--network", "none", ref, "python3", "-m", "stepflow.entrypoint", "--help")
+    assert "--payload" in out
+
+
+@pytest.fixture(scope="session")
+def arm64_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base image relabelled linux/arm64 (its programs stay amd64, so this daemon can still run them).
+
+    Stands in for a real arm64 base image, which cannot be pulled here: enough to assemble an
+    arm64 step image and look inside it.
+    """
+    docker_env.require_docker()
+    tmp = tmp_path_factory.mktemp("arm64-base")
+    tag = f"stepflow-test-arm64-base:{int(time.time())}"
+    subprocess.run(["docker", "save", "-o", str(tmp / "base.tar"), BASE_IMAGE], check=True, timeout=300)
+    with tarfile.open(tmp / "base.tar") as src, tarfile.open(tmp / "arm64.tar", "w") as out:
+        manifest = json.load(src.extractfile("manifest.json"))  # type: ignore[arg-type]
+        old = manifest[0]["Config"]
+        config = json.load(src.extractfile(old))  # type: ignore[arg-type]
+        config["architecture"], config["variant"] = "arm64", "v8"
+        data = json.dumps(config).encode()
+        manifest[0]["Config"], manifest[0]["RepoTags"] = f"{hashlib.sha256(data).hexdigest()}.json", [tag]
+        for member in src.getmembers():
+            if member.name not in (old, "manifest.json", "repositories"):
+                out.addfile(member, src.extractfile(member) if member.isfile() else None)
+        for name, body in ((manifest[0]["Config"], data), ("manifest.json", json.dumps(manifest).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            out.addfile(info, io.BytesIO(body))
+    subprocess.run(["docker", "load", "-i", str(tmp / "arm64.tar")], check=True, capture_output=True, timeout=300)
+    yield tag
+    subprocess.run(["docker", "rmi", tag], capture_output=True, timeout=120)
+
+
+@docker_test
+@needs_amd64_host
+async def test_arm64_image_is_assembled_without_emulation(builder: Any, registry: Any, project: Path,
+                                                          wheel_cache: Path, arm64_base: str) -> None:
+    mgr = ImageManager(builder, registry, cache_dir=wheel_cache)
+    t0 = time.perf_counter()
+    ref = await mgr.ensure(ImageSpec(base_image=arm64_base, project_root=project, platform="linux/arm64"))
+    metric("arm64_image_seconds", time.perf_counter() - t0)
+    assert (await docker("image", "inspect", "-f", "{{.Os}}/{{.Architecture}}", ref)).strip() == "linux/arm64"
+    tags = await image_listing(ref, WHEEL_TAGS)
+    binary = {info: t for info, t in tags.items() if any(not tag.endswith("-any") for tag in t)}
+    assert len(binary) >= 5
+    for info, wheel_tags in binary.items():
+        assert all(t.endswith("_aarch64") for t in wheel_tags), info
+    # Every shared library shipped is AArch64 machine code (ELF e_machine 183).
+    code = ("import json, pathlib, site, struct; root = pathlib.Path(site.getusersitepackages())\n"
+            "print(json.dumps(sorted({struct.unpack('<H', p.read_bytes()[18:20])[0] for p in root.rglob('*.so')})))")
+    assert await image_listing(ref, code) == [183]

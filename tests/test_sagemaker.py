@@ -176,7 +176,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 def sagemaker(moto_server: str) -> Iterator[Any]:
     """The local SageMaker control plane (jobs run on Docker, logs to moto's CloudWatch Logs)."""
     require_docker()
-    from stepflow_sagemaker.local_backend import serve_in_thread
+    from stepflow_localcloud.sagemaker import serve_in_thread
 
     with serve_in_thread(logs_endpoint=moto_server, phase_delay=0.3) as backend:
         yield backend

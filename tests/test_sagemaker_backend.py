@@ -1,4 +1,5 @@
-"""The local SageMaker backend, wire-level: real Docker, a real moto server, real AWS clients.
+"""The local SageMaker control plane (stepflow-localcloud), wire-level: real Docker, a real moto
+server, real AWS clients.
 
 Every call goes through botocore (boto3) or aiobotocore against the backend's ``endpoint_url``,
 so these tests also prove both clients parse every answer. Job containers run
@@ -15,9 +16,11 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -27,13 +30,14 @@ from botocore.exceptions import ClientError
 
 from tests import docker_env
 from tests.conftest import ROOT
-from tests.services import aws_env, moto_server, run_service  # noqa: F401 (moto_server is a fixture)
+from tests.services import aws_env, free_port, moto_server, run_service  # noqa: F401 (moto_server is a fixture)
 
+LOCALCLOUD = ROOT / "plugins" / "stepflow-localcloud"
 try:
-    from stepflow_sagemaker.local_backend import BackgroundLocalSageMaker, LocalSageMaker, serve_in_thread
-except ImportError:  # the plugin is not installed (yet): use it from the source tree
-    sys.path.insert(0, str(ROOT / "plugins" / "stepflow-sagemaker"))
-    from stepflow_sagemaker.local_backend import BackgroundLocalSageMaker, LocalSageMaker, serve_in_thread
+    from stepflow_localcloud.sagemaker import BackgroundLocalSageMaker, LocalSageMaker, RoleCredentials, serve_in_thread
+except ImportError:  # the distribution is not installed (yet): use it from the source tree
+    sys.path.insert(0, str(LOCALCLOUD))
+    from stepflow_localcloud.sagemaker import BackgroundLocalSageMaker, LocalSageMaker, RoleCredentials, serve_in_thread
 
 docker_test = docker_env.docker_test
 REGION = "us-east-1"
@@ -41,6 +45,8 @@ ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 GROUP = "/aws/sagemaker/TrainingJobs"
 CREDS = {"region_name": REGION, "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 TERMINAL = {"Completed", "Failed", "Stopped"}
+#: What the module's backend serves as every job role's credentials (distinct from the test keys).
+ROLE_KEYS = RoleCredentials("AKIALOCALROLE0000001", "local-role-secret", "local-role-session-token")
 
 
 # -- fixtures and helpers --------------------------------------------------------------------
@@ -48,7 +54,7 @@ TERMINAL = {"Completed", "Failed", "Stopped"}
 def backend(moto_server: str) -> Iterator[BackgroundLocalSageMaker]:  # noqa: F811
     """One backend for the module, on its own loop in a thread; faults reset after each test."""
     docker_env.require_docker()
-    with serve_in_thread(logs_endpoint=moto_server, stop_grace=1.0, seed=7) as sm:
+    with serve_in_thread(logs_endpoint=moto_server, stop_grace=1.0, seed=7, role_credentials=ROLE_KEYS) as sm:
         yield sm
         assert sm.stats()["active"] == 0, "a test left a job running"
     assert not _containers(f"stepflow.fake-sagemaker.instance={sm.backend.instance_id}")  # type: ignore[union-attr]
@@ -135,7 +141,7 @@ import json, os, time
 e = os.environ
 print("NAME=" + e["TRAINING_JOB_NAME"])
 print("ARN=" + e["TRAINING_JOB_ARN"])
-print("ENDPOINT=" + e["AWS_ENDPOINT_URL"] + " KEY=" + e["AWS_ACCESS_KEY_ID"])
+print("ENDPOINT=" + e["AWS_ENDPOINT_URL"] + " KEY=" + e.get("AWS_ACCESS_KEY_ID", "none"))
 print("REGION=" + e["AWS_REGION"] + " HOST=" + e["SM_CURRENT_HOST"] + " LR=" + e["LR"])
 print("HPS=" + json.dumps(json.load(open("/opt/ml/input/config/hyperparameters.json"))))
 for i in range(8):
@@ -199,7 +205,7 @@ async def test_aiobotocore_runs_a_job_through_every_status_with_logs_in_cloudwat
     assert re.fullmatch(rf"{name}/algo-1-\d{{10}}", stream[0]["logStreamName"])
     assert lines[-9:] == [*(f"epoch {i}" for i in range(8)), "done"]  # even a last line without newline
     assert f"NAME={name}" in lines and f"ARN={arn}" in lines
-    assert f"ENDPOINT={moto_server} KEY=testing" in lines
+    assert f"ENDPOINT={moto_server} KEY=none" in lines  # no keys: the role comes from the credentials endpoint
     assert f"REGION={REGION} HOST=algo-1 LR=0.1" in lines
     assert 'HPS={"epochs": "8"}' in lines
     assert not job_containers(name), "the finished job's container was not removed"
@@ -414,6 +420,141 @@ async def test_twenty_jobs_at_once_complete_under_throttling_and_5xx_each_create
     assert elapsed < 45, f"20 one-second jobs took {elapsed:.1f} s: they did not run concurrently"
 
 
+# -- the job role's credentials ----------------------------------------------------------------
+#: A container fetching its role's credentials as the SDKs' container provider does (urllib: the
+#: base image has no AWS SDK), printing what it got and the AWS variables of its environment.
+FETCH_CREDENTIALS = """
+import json, os, urllib.request as u
+e = os.environ
+uri = e["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+r = u.Request(uri, headers={"Authorization": e["AWS_CONTAINER_AUTHORIZATION_TOKEN"]})
+c = json.load(u.urlopen(r, timeout=10))
+print("ACCESS_KEY_ID=" + c["AccessKeyId"])
+print("GOT", *(c[k] for k in ("SecretAccessKey", "Token", "RoleArn", "AccountId", "Expiration")))
+print("AT=" + uri.split("/")[2], e["AWS_REGION"], e["AWS_DEFAULT_REGION"])
+print("AWS_ENV=" + " ".join(k for k in e if k[:4] == "AWS_"))
+"""
+#: A container showing its credentials URL and token, then running until stopped.
+HOLD_CREDENTIALS = """
+import os, time
+print("URI=" + os.environ["AWS_CONTAINER_CREDENTIALS_FULL_URI"])
+print("TOKEN=" + os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"])
+time.sleep(120)
+"""
+
+
+def line_value(lines: list[str], prefix: str) -> str:
+    found = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+    assert found, f"no line {prefix}... in {lines}"
+    return found[-1]
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@docker_test
+def test_the_container_gets_the_role_credentials_from_the_endpoint_not_from_its_environment(
+        sm: Any, logs: Any, backend: BackgroundLocalSageMaker, uid: str) -> None:
+    name = f"t-{uid}-role"
+    before = backend.stats()["credentials"]
+    sm.create_training_job(**request(name, FETCH_CREDENTIALS, Environment={"LR": "0.1"}))
+    d = wait_status(sm, name)
+    lines = log_lines(logs, name)
+    assert d["TrainingJobStatus"] == "Completed", (d.get("FailureReason"), lines)
+    assert "ACCESS_KEY_ID=AKIALOCALROLE0000001" in lines
+    secret, token, role, account, expiration = line_value(lines, "GOT ").split()
+    assert (secret, token, role, account) == ("local-role-secret", "local-role-session-token", ROLE, "123456789012")
+    expires = dt.datetime.fromisoformat(expiration)
+    assert dt.timedelta(minutes=50) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=1)
+    port = backend.backend.credentials.port  # type: ignore[union-attr]
+    assert f"AT=127.0.0.1:{port} {REGION} {REGION}" in lines  # and the region, as SageMaker sets it
+    # No keys in the environment: the SDKs fall through to the container provider.
+    assert sorted(line_value(lines, "AWS_ENV=").split()) == [
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_DEFAULT_REGION",
+        "AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL", "AWS_REGION"]
+    # As on SageMaker, the credentials variables are the container's, not the job's configuration:
+    # Environment is exactly the request's, and nothing in the answer shows the URL or the keys.
+    assert d["Environment"] == {"JOB_CODE": FETCH_CREDENTIALS, "LR": "0.1"}
+    shown = json.dumps(d, default=str)
+    for secret in ("AKIALOCALROLE0000001", "local-role-secret", "local-role-session-token", f"127.0.0.1:{port}",
+                   "/v1/credentials/"):
+        assert secret not in shown
+    after = backend.stats()["credentials"]
+    assert after["served"] == before["served"] + 1 and after["open"] == before["open"]  # revoked at the end
+
+
+@docker_test
+def test_a_credentials_url_needs_its_token_and_closes_when_the_job_ends(
+        sm: Any, logs: Any, backend: BackgroundLocalSageMaker, uid: str, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    import botocore.session
+
+    name = f"t-{uid}-hold"
+    sm.create_training_job(**request(name, HOLD_CREDENTIALS))
+    try:
+        deadline = time.monotonic() + 30
+        lines = log_lines(logs, name)
+        while not any(line.startswith("TOKEN=") for line in lines):
+            assert time.monotonic() < deadline, f"the job did not print its credentials URL: {lines}"
+            time.sleep(0.2)
+            lines = log_lines(logs, name)
+        uri, token = line_value(lines, "URI="), line_value(lines, "TOKEN=")
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1/credentials/[\w-]{40,}", uri), uri
+        refused = backend.stats()["credentials"]["refused"]
+        assert http_status(uri) == 401
+        assert http_status(uri, {"Authorization": token[:-1]}) == 403
+        assert http_status(uri, {"Authorization": f"Bearer {token}"}) == 403
+        assert http_status(uri[:-1], {"Authorization": token}) == 404  # another path is no job's URL
+        assert backend.stats()["credentials"]["refused"] == refused + 4
+
+        # botocore's own credential chain, given only what the container has, resolves the role.
+        empty = tmp_path / "empty"
+        empty.write_text("")
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", uri)
+        monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", token)
+        session = botocore.session.get_session()
+        creds = session.get_credentials()
+        assert creds is not None and creds.method == "container-role"
+        frozen = creds.get_frozen_credentials()
+        assert (frozen.access_key, frozen.secret_key, frozen.token) == (
+            ROLE_KEYS.access_key_id, ROLE_KEYS.secret_access_key, ROLE_KEYS.session_token)
+        # ... and signs real calls with it (moto accepts any key).
+        client = session.create_client("logs", endpoint_url=logs.meta.endpoint_url, region_name=REGION)
+        assert client.describe_log_streams(logGroupName=GROUP, logStreamNamePrefix=f"{name}/")["logStreams"]
+        # So does aiobotocore's (s3fs in a job uses it).
+        aio_method, aio_key = asyncio.run(_aiobotocore_credentials())
+        assert (aio_method, aio_key) == ("container-role", ROLE_KEYS.access_key_id)
+    finally:
+        sm.stop_training_job(TrainingJobName=name)
+    assert wait_status(sm, name)["TrainingJobStatus"] == "Stopped"
+    assert http_status(uri, {"Authorization": token}) == 404  # the role's credentials outlive no job
+
+
+async def _aiobotocore_credentials() -> tuple[str, str]:
+    from aiobotocore.session import get_session
+
+    creds = await get_session().get_credentials()
+    assert creds is not None
+    return creds.method, (await creds.get_frozen_credentials()).access_key
+
+
+def test_the_role_credentials_default_to_the_control_planes_own() -> None:
+    env = {"AWS_ACCESS_KEY_ID": "AKIAOWN", "AWS_SECRET_ACCESS_KEY": "own-secret", "AWS_SESSION_TOKEN": "own-token"}
+    assert RoleCredentials.from_environment(env) == RoleCredentials("AKIAOWN", "own-secret", "own-token")
+    assert RoleCredentials.from_environment({**env, "AWS_SESSION_TOKEN": ""}).session_token is None
+    assert RoleCredentials.from_environment({}) == RoleCredentials("testing", "testing")  # moto's test keys
+    assert "own-secret" not in repr(RoleCredentials.from_environment(env))
+
+
 # -- the server's own lifecycle ---------------------------------------------------------------
 @docker_test
 async def test_closing_the_server_stops_and_removes_every_container(moto_server: str, uid: str) -> None:  # noqa: F811
@@ -429,17 +570,36 @@ async def test_closing_the_server_stops_and_removes_every_container(moto_server:
         assert len(await asyncio.to_thread(_containers, label)) == 2
     assert await asyncio.to_thread(_containers, label) == []
     assert {j.status for j in server.jobs.values()} == {"Stopped"}
+    assert server.credentials.active == 0
 
 
 @docker_test
-def test_the_command_line_serves_the_api(moto_server: str, backend: BackgroundLocalSageMaker) -> None:  # noqa: F811
-    env = {**os.environ, **aws_env(moto_server), "PYTHONPATH": str(ROOT / "plugins" / "stepflow-sagemaker")}
-    argv = lambda port: [sys.executable, "-m", "stepflow_sagemaker.local_backend", "--port", str(port),  # noqa: E731
-                         "--logs-endpoint", moto_server, "--throttle-rate", "0.5", "--seed", "1"]
+def test_the_command_line_serves_the_api(moto_server: str, backend: BackgroundLocalSageMaker,  # noqa: F811
+                                         logs: Any, uid: str) -> None:
+    env = {**os.environ, **aws_env(moto_server), "PYTHONPATH": str(LOCALCLOUD)}
+    creds_port = free_port()
+    argv = lambda port: [sys.executable, "-m", "stepflow_localcloud.sagemaker", "--port", str(port),  # noqa: E731
+                         "--logs-endpoint", moto_server, "--throttle-rate", "0.5", "--seed", "1",
+                         "--role-access-key-id", "AKIACOMMANDLINEROLE1", "--role-secret-access-key", "cli-secret",
+                         "--credentials-port", str(creds_port)]
     with run_service("local-sagemaker", argv, url=lambda port: f"http://127.0.0.1:{port}", env=env) as service:
         client = boto3.client("sagemaker", endpoint_url=service.url, **CREDS)
         assert client.list_training_jobs()["TrainingJobSummaries"] == []  # retried through the throttling
         with urllib.request.urlopen(f"{service.url}/_fake/stats", timeout=10) as r:
             stats = json.loads(r.read())
         assert stats["throttle_rate"] == 0.5 and stats["calls"]["ListTrainingJobs"] >= 1
-        assert "local SageMaker listening on" in service.log.read_text()
+        set_faults = urllib.request.Request(f"{service.url}/_fake/config", data=b'{"throttle_rate": 0}')
+        with urllib.request.urlopen(set_faults, timeout=10) as r:  # the job's polling needs no retries
+            assert json.loads(r.read())["throttle_rate"] == 0
+        name = f"t-{uid}-cli"
+        client.create_training_job(**request(name, FETCH_CREDENTIALS))
+        d = wait_status(client, name)
+        lines = log_lines(logs, name)
+        assert d["TrainingJobStatus"] == "Completed", (d.get("FailureReason"), lines)
+        assert "ACCESS_KEY_ID=AKIACOMMANDLINEROLE1" in lines
+        # No session token given: an empty one, which botocore does not send.
+        assert line_value(lines, "GOT ").split()[:2] == ["cli-secret", ROLE]
+        assert f"AT=127.0.0.1:{creds_port} {REGION} {REGION}" in lines
+        out = service.log.read_text()
+        assert "local SageMaker listening on" in out
+        assert f"job role credentials served on http://127.0.0.1:{creds_port}" in out

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run examples/sagemaker/pipeline.py with `train` as a SageMaker training job, against the local
-# test backend: moto (S3, ECR, STS, CloudWatch Logs) and stepflow's local SageMaker control plane
-# (training jobs run as containers on this machine's Docker). One command; both servers are
-# started on free ports and stopped on exit, and the job containers are removed.
+# test backend: moto (S3, ECR, STS, CloudWatch Logs) and the local SageMaker control plane of
+# stepflow-localcloud (training jobs run as containers on this machine's Docker). One command; both
+# servers are started on free ports and stopped on exit, and the job containers are removed.
 #
 #   bash examples/sagemaker/run_local.sh [RUN OPTIONS...]
 #
@@ -39,6 +39,10 @@ sys.exit(0 if 'sagemaker' in ops and 'ecr' in regs else 1)"; then
     echo "installing the SageMaker plugin (editable): plugins/stepflow-docker, plugins/stepflow-sagemaker"
     "$PY" -m pip install -q -e plugins/stepflow-docker -e plugins/stepflow-sagemaker
 fi
+if ! "$PY" -c "import stepflow_localcloud.sagemaker" 2>/dev/null; then
+    echo "installing the local control plane (editable): plugins/stepflow-localcloud"
+    "$PY" -m pip install -q -e plugins/stepflow-localcloud
+fi
 
 # -- moto and the local SageMaker backend, stopped on exit ------------------------------------
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -72,8 +76,11 @@ wait_http "$MOTO" moto "${PIDS[-1]}" "$WORK/moto.log"
 
 SM_PORT=$(free_port)
 SAGEMAKER=http://127.0.0.1:$SM_PORT
-"$PY" -m stepflow_sagemaker.local_backend --host 127.0.0.1 --port "$SM_PORT" --logs-endpoint "$MOTO" \
+# Moto's test keys are named as the job role's: the default would hand this shell's own AWS keys
+# to the job containers (through the control plane's container credentials endpoint).
+"$PY" -m stepflow_localcloud.sagemaker --host 127.0.0.1 --port "$SM_PORT" --logs-endpoint "$MOTO" \
     --region "$REGION" --throttle-rate "${THROTTLE_RATE:-0}" --error-rate "${ERROR_RATE:-0}" \
+    --role-access-key-id testing --role-secret-access-key testing --role-session-token testing \
     >"$WORK/sagemaker.log" 2>&1 &
 PIDS+=($!)
 wait_http "$SAGEMAKER" "the local SageMaker backend" "${PIDS[-1]}" "$WORK/sagemaker.log"

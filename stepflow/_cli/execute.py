@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from typing import Any
@@ -38,13 +39,10 @@ async def execute_with_display(prepare: Any, events_file: str | None, progress: 
     view = RunView(pipeline.name, runner.run_id, len(pipeline.nodes), runner.stack)
     printer = LinePrinter(console) if not interactive and log_format == "lines" else None
     interrupted = 0
-
-    async def consume(sub: Any) -> None:
-        async for ev in sub:
-            view.handle(ev)
-            if printer is not None:
-                printer.handle(ev)
-
+    # The display is an isolated handler: a bug in it is reported, it never cancels the run.
+    bus.add_handler(view.handle, name="progress display", buffer=100_000)
+    if printer is not None:
+        bus.add_handler(printer.handle, name="line printer", buffer=100_000)
     signal_scope = anyio.CancelScope()
 
     async def watch_signals() -> None:
@@ -57,11 +55,11 @@ async def execute_with_display(prepare: Any, events_file: str | None, progress: 
                                   "(press Ctrl-C again to exit at once)[/]")
                     runner.cancel()
                 else:
-                    os._exit(EXIT_INTERRUPTED)
+                    _leave_at_once(runner, console)
 
-    async with bus.subscribe(overflow="drop_oldest", buffer=100_000) as sub, \
-            anyio.create_task_group() as tg:
-        tg.start_soon(consume, sub)
+    error: StepflowError | None = None
+    result: Any = None
+    async with anyio.create_task_group() as tg:
         tg.start_soon(watch_signals)
         try:
             if interactive:
@@ -71,13 +69,24 @@ async def execute_with_display(prepare: Any, events_file: str | None, progress: 
             else:
                 result = await runner.execute()
         except StepflowError as exc:
-            sub.close()
-            signal_scope.cancel()
-            fail(str(exc))
-        sub.close()  # the consumer drains what is buffered, then ends
+            error = exc
         signal_scope.cancel()
     await bus.aclose()
+    if error is not None:  # bad input found as the run started (e.g. an unreachable registry)
+        fail(str(error))
     print_summary(console, result)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if result.status == "succeeded" else EXIT_FAILED
+
+
+def _leave_at_once(runner: Any, console: Any) -> None:
+    """The second Ctrl-C: mark the run interrupted (its jobs may still run) and exit now."""
+    store = getattr(runner, "run_store", None)
+    if store is not None:
+        with contextlib.suppress(Exception):  # exiting matters more than the record
+            store.finish_run(runner.run_id, "interrupted")
+        console.print(f"[magenta]left at once: jobs of run {runner.run_id} may still be running; "
+                      f"`stepflow runs show {runner.run_id}` lists them, `stepflow runs stop {runner.run_id}` "
+                      f"stops them, `stepflow resume {runner.run_id}` finishes the run[/]")
+    os._exit(EXIT_INTERRUPTED)

@@ -1,11 +1,19 @@
 """Step images: build context, content-hash tag, registry check, single-flight build and push.
 
-An image is ``FROM <base image>`` plus a *wheelhouse* (wheels of stepflow, of locally installed
-stepflow plugins, of the requested ``requirements`` and of everything they depend on, in the
-versions installed on this host) installed with ``pip --no-index`` (hermetic: the build needs no
-package index), plus the project's code under ``/opt/stepflow/project``. The tag is a hash of all
-of it, so an unchanged project maps to the same tag and the registry is asked before anything is
-built. Wheels are built or downloaded on the host and cached under ``cache_dir/wheels``.
+An image is ``FROM <base image>`` plus the Python packages a step needs (stepflow, locally
+installed stepflow plugins, the requested ``requirements`` and everything they depend on, in the
+versions installed on this host) plus the project's code under ``/opt/stepflow/project``.
+
+The packages are chosen for the image's platform, not the host's: binary wheels are downloaded
+for the target architecture, CPython minor version and C library of the base image, pure-Python
+ones work anywhere, and wheels built here are accepted only when they can run there. The wheels
+are unpacked on the host into a user-site layout (``PYTHONUSERBASE=/opt/stepflow``) that the
+Dockerfile adds as one archive: no ``RUN`` step, so an image for another architecture is assembled
+without emulation, and the build needs no package index.
+
+The tag is a hash of all of it, so an unchanged project maps to the same tag and the registry is
+asked before anything is built. Wheels and their unpacked trees are cached under
+``cache_dir/wheels/<target>``, shared by every process using that cache (file locks).
 
 Nothing here imports a Docker SDK; the builder does.
 """
@@ -13,25 +21,29 @@ Nothing here imports a Docker SDK; the builder does.
 from __future__ import annotations
 
 import asyncio
+import base64
+import configparser
+import functools
 import hashlib
-import importlib
+import inspect
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
+import tarfile
 import time
 import urllib.parse
 import urllib.request
 import uuid
 import zipfile
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager, suppress
 from importlib import metadata as md
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from platform import machine as _host_machine
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -43,12 +55,13 @@ from stepflow.interfaces.container_registry import ContainerRegistry, RegistryEr
 from stepflow.interfaces.image_builder import ImageBuilder
 from stepflow.remote._context import ContextListing, list_context
 
-__all__ = ["ImageManager", "ImageSpec", "ImageStats"]
+__all__ = ["ImageManager", "ImageSpec", "ImageStats", "WheelTarget", "check_base", "normalize_platform"]
 
-WHEEL_DIR = "/opt/stepflow/wheels"
+#: ``PYTHONUSERBASE`` of step images: packages in lib/pythonX.Y/site-packages, scripts in bin.
+USER_BASE = "/opt/stepflow"
 PROJECT_DIR = "/opt/stepflow/project"
 #: Bumped when the image layout changes, so old tags are not mistaken for new ones.
-_LAYOUT = "stepflow-image/1"
+_LAYOUT = "stepflow-image/2"
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: One path component of an image name (Docker's reference grammar).
 _NAME_PART = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
@@ -59,6 +72,38 @@ _DOWNLOAD_BATCHES = 3
 #: Build contexts and partial downloads older than this are leftovers of killed processes.
 _STALE_SECONDS = 6 * 3600.0
 _BUILD_TAIL = 20
+#: Date of the entries of the packages archive (1980-01-01, the oldest a zip file can hold).
+_ARCHIVE_MTIME = 315532800
+#: Docker architecture (with variant) -> machine name in wheel platform tags.
+_MACHINES = {"amd64": "x86_64", "arm64": "aarch64", "386": "i686", "arm/v7": "armv7l", "ppc64le": "ppc64le",
+             "s390x": "s390x", "riscv64": "riscv64"}
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "arm64/v8": "arm64", "i386": "386",
+                 "i686": "386", "armv7l": "arm/v7", "arm": "arm/v7", "armhf": "arm/v7"}
+#: glibc assumed when the builder cannot inspect the base image (manylinux_2_28: RHEL 8, Debian 10+).
+_DEFAULT_GLIBC = (2, 28)
+#: musl of current Alpine releases; musllinux_1_1 wheels run on it too.
+_DEFAULT_MUSL = (1, 2)
+#: Oldest glibc with a manylinux tag per machine (manylinux1 = 2.5, manylinux2014 = 2.17).
+_OLDEST_GLIBC = {"x86_64": 5, "i686": 5}
+_LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+#: Compiles the unpacked packages in parallel, with the paths they have in the image (argv: image
+#: site dir, then host site dirs); hash-checked pycs do not depend on file times.
+_COMPILE = """
+import compileall, functools, os, py_compile, sys
+from concurrent.futures import ProcessPoolExecutor
+files, ddirs = [], []
+for site in sys.argv[2:]:
+    for parent, _, names in os.walk(site):
+        ddir = os.path.normpath(os.path.join(sys.argv[1], os.path.relpath(parent, site)))
+        for name in names:
+            if name.endswith(".py"):
+                files.append(os.path.join(parent, name))
+                ddirs.append(ddir)
+one = functools.partial(compileall.compile_file, quiet=2,
+                        invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+with ProcessPoolExecutor() as pool:
+    list(pool.map(one, files, ddirs, chunksize=64))
+"""
 
 
 def _tuple_of_str(value: Iterable[str]) -> tuple[str, ...]:
@@ -90,7 +135,8 @@ class ImageSpec:
     repository: str = "stepflow-steps"
     #: ``ENV`` lines baked into the image (a dict is accepted too).
     env: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_env_pairs)
-    #: OS/architecture the image runs on; the wheels shipped are chosen for it.
+    #: OS/architecture the image runs on; the wheels shipped are chosen for it, and the base image
+    #: must be of it.
     platform: str = "linux/amd64"
 
 
@@ -106,8 +152,14 @@ class ImageStats:
     wheels_downloaded: int = 0
     wheels_built: int = 0
     wheels_reused: int = 0
+    #: Wheels unpacked (and compiled) into the cache for an image layout.
+    wheels_unpacked: int = 0
+    #: Base images inspected (platform, Python, C library); once per image id and process.
+    base_inspections: int = 0
     #: Seconds spent making the last wheelhouse available (downloads, builds, cache lookups).
     last_wheelhouse_seconds: float = 0.0
+    #: Seconds spent unpacking and compiling wheels for the last image (0 when all were cached).
+    last_unpack_seconds: float = 0.0
     #: Total size of the last wheelhouse, bytes.
     last_wheelhouse_bytes: int = 0
     last_wheel_count: int = 0
@@ -115,16 +167,161 @@ class ImageStats:
     last_context_seconds: float = 0.0
 
 
+# ------------------------------------------------------------------------------------ platforms
+def normalize_platform(platform: str) -> str:
+    """``linux/<docker arch>`` for a platform such as "linux/arm64", "linux/aarch64" or "linux/arm64/v8"."""
+    os_name, _, arch = str(platform).strip().lower().partition("/")
+    arch = _ARCH_ALIASES.get(arch, arch)
+    if os_name != "linux" or arch not in _MACHINES:
+        raise ImageBuildError(f"unsupported image platform {platform!r}: step images run on Linux; use one of "
+                              f"{', '.join('linux/' + a for a in _MACHINES)}")
+    return f"linux/{arch}"
+
+
+def host_platform() -> str | None:
+    """The Docker platform of this host (None when it is not Linux: nothing built here runs in an image)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    arch = _host_machine().lower()
+    arch = _ARCH_ALIASES.get(arch, arch)
+    return f"linux/{arch}" if arch in _MACHINES else None
+
+
+def _version_pair(text: str) -> tuple[int, int] | None:
+    found = re.search(r"(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+@attrs.frozen
+class WheelTarget:
+    """Where shipped wheels must run: the image's platform, CPython minor version and C library."""
+
+    platform: str = attrs.field(converter=normalize_platform)
+    python: tuple[int, int] = attrs.field(converter=lambda v: (int(v[0]), int(v[1])))
+    #: "glibc" (manylinux wheels) or "musl" (musllinux wheels).
+    libc: str = "glibc"
+    #: Newest C library version the wheels may need.
+    libc_version: tuple[int, int] = _DEFAULT_GLIBC
+
+    @classmethod
+    def of(cls, platform: str, python: Iterable[int], libc: str = "") -> WheelTarget:
+        """From the C library a base image reports: "glibc 2.36", "musl" or "" (unknown: glibc 2.28)."""
+        pair = tuple(python)
+        text = libc.strip().lower()
+        if text.startswith("musl"):
+            return cls(platform, pair, "musl", _version_pair(text) or _DEFAULT_MUSL)
+        return cls(platform, pair, "glibc", _version_pair(text) or _DEFAULT_GLIBC)
+
+    @property
+    def machine(self) -> str:
+        """The architecture as wheel tags spell it, e.g. "aarch64"."""
+        return _MACHINES[self.platform.partition("/")[2]]
+
+    @property
+    def python_tag(self) -> str:
+        """E.g. "cp311"."""
+        return f"cp{self.python[0]}{self.python[1]}"
+
+    @property
+    def key(self) -> str:
+        """Cache directory name: Python tag and newest platform tag, e.g. "cp311-manylinux_2_36_aarch64"."""
+        return f"{self.python_tag}-{self.platform_tags()[0]}"
+
+    def describe(self) -> str:
+        """E.g. "linux/arm64 (CPython 3.11, glibc 2.36)"."""
+        return (f"{self.platform} (CPython {self.python[0]}.{self.python[1]}, "
+                f"{self.libc} {self.libc_version[0]}.{self.libc_version[1]})")
+
+    def platform_tags(self) -> list[str]:
+        """Wheel platform tags that run on the target, newest first (never the host-only ``linux_*``)."""
+        m = self.machine
+        if self.libc == "musl":
+            major, minor = self.libc_version
+            return [f"musllinux_{major}_{n}_{m}" for n in range(minor, 0, -1)]
+        tags = []
+        for n in range(self.libc_version[1], _OLDEST_GLIBC.get(m, 17) - 1, -1):
+            tags.append(f"manylinux_2_{n}_{m}")
+            legacy = _LEGACY_MANYLINUX.get(n)
+            if legacy is not None and (n == 17 or m in _OLDEST_GLIBC):
+                tags.append(f"{legacy}_{m}")
+        return tags
+
+    def pip_args(self) -> list[str]:
+        """``pip download``/``install`` options that select wheels for the target."""
+        args = []
+        for tag in self.platform_tags():
+            args += ["--platform", tag]
+        return [*args, "--python-version", f"{self.python[0]}.{self.python[1]}", "--implementation", "cp",
+                "--abi", self.python_tag, "--abi", "abi3", "--abi", "none"]
+
+    def accepts(self, wheel_name: str) -> bool:
+        """Whether the wheel file ``wheel_name`` runs on the target.
+
+        Wheels built on this host (``linux_x86_64``...) count only when the host is the target.
+        """
+        from packaging.utils import parse_wheel_filename
+
+        tags = parse_wheel_filename(wheel_name)[3]
+        if not tags.isdisjoint(_supported_tags(self)):
+            return True
+        if self.platform == host_platform() and self.python == sys.version_info[:2]:
+            from packaging.tags import sys_tags
+
+            return not tags.isdisjoint(sys_tags())
+        return False
+
+
+@functools.cache
+def _supported_tags(target: WheelTarget) -> frozenset[Any]:
+    from packaging.tags import compatible_tags, cpython_tags
+
+    plats = target.platform_tags()
+    return frozenset([*cpython_tags(target.python, abis=[target.python_tag], platforms=plats),
+                      *compatible_tags(target.python, target.python_tag, plats)])
+
+
+def check_base(base_image: str, info: Mapping[str, Any], platform: str,
+               runner: tuple[int, int] | None = None) -> WheelTarget:
+    """The wheel target of a step image on ``base_image``; ImageBuildError when the base cannot run it.
+
+    ``info`` is what the builder found in the base image (``platform``, ``python``, ``libc``,
+    ``user_site``); ``runner`` the Python of this process (payloads are pickled by cloudpickle,
+    which needs the same minor version on both sides).
+    """
+    want = normalize_platform(platform)
+    runner = runner or (sys.version_info[0], sys.version_info[1])
+    found = str(info.get("platform") or "")
+    if found:
+        try:
+            same = normalize_platform(found) == want
+        except ImageBuildError:
+            same = False
+        if not same:
+            raise ImageBuildError(
+                f"base image '{base_image}' is a {found} image, but the step image is for {want}: the result would "
+                f"say {want} while its programs still need {found}. Use a {want} variant of the base image (e.g. "
+                f"`docker pull --platform {want} IMAGE` or `docker buildx build --platform {want}`, under its own "
+                f"tag) or set the step's platform to {found}")
+    python = info.get("python")
+    if not python or len(python) < 2:
+        raise ImageBuildError(f"cannot tell which Python base image '{base_image}' has: it needs python3 "
+                              f"{runner[0]}.{runner[1]} on its PATH")
+    major, minor = int(python[0]), int(python[1])
+    if (major, minor) != tuple(runner):
+        raise ImageBuildError(
+            f"base image '{base_image}' has Python {major}.{minor}, but this runner uses Python "
+            f"{runner[0]}.{runner[1]}: step payloads are pickled with cloudpickle, which needs the same Python "
+            f"minor version on both sides. Use a base image with Python {runner[0]}.{runner[1]} (--base_image), "
+            f"or run stepflow with Python {major}.{minor}")
+    if info.get("user_site") is False:
+        raise ImageBuildError(
+            f"the python3 of base image '{base_image}' ignores user site-packages (a virtualenv without system "
+            f"site packages, or PYTHONNOUSERSITE set), where step images put their packages (PYTHONUSERBASE="
+            f"{USER_BASE}): use a base image whose python3 is a system interpreter")
+    return WheelTarget.of(want, (major, minor), str(info.get("libc") or ""))
+
+
 # ------------------------------------------------------------------------------------ packaging
-def _requirement_class() -> Any:
-    """``packaging``'s Requirement if importable, else pip's vendored copy."""
-    try:
-        module = importlib.import_module("packaging.requirements")
-    except ImportError:
-        module = importlib.import_module("pip._vendor.packaging.requirements")
-    return module.Requirement
-
-
 def _canon(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -138,6 +335,7 @@ class _Dist:
     version: str
     kind: str          # "index" | "local" (a source directory) | "direct" (other PEP 610 URL)
     source: str = ""   # local: directory; direct: file path of a wheel or a PEP 508 URL target
+    pure: bool | None = None  # the installed copy is pure Python (its WHEEL file; None: unknown)
 
 
 def _origin(dist: md.Distribution) -> tuple[str, str]:
@@ -164,10 +362,18 @@ def _origin(dist: md.Distribution) -> tuple[str, str]:
     return "index", ""
 
 
+def _is_pure(dist: md.Distribution) -> bool | None:
+    for line in (dist.read_text("WHEEL") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "root-is-purelib":
+            return value.strip().lower() == "true"
+    return None
+
+
 def _make_dist(dist: md.Distribution) -> _Dist:
     display = dist.metadata["Name"] or "?"
     kind, source = _origin(dist)
-    return _Dist(_canon(display), display, dist.version, kind, source)
+    return _Dist(_canon(display), display, dist.version, kind, source, _is_pure(dist))
 
 
 def _installed() -> dict[str, md.Distribution]:
@@ -193,21 +399,28 @@ def _local_plugins(installed: dict[str, md.Distribution]) -> list[str]:
     return names
 
 
-def resolve_closure(requirements: Iterable[str]) -> tuple[list[_Dist], list[str]]:
+def resolve_closure(requirements: Iterable[str],
+                    target: WheelTarget | None = None) -> tuple[list[_Dist], list[str]]:
     """Every distribution to ship, and the pip install arguments of the roots.
 
     Roots: stepflow, locally installed stepflow plugins and ``requirements``. Dependencies come
     from the metadata of the versions installed here; environment markers are evaluated for this
-    interpreter (the base image must run the same Python minor version), extras only when asked.
+    interpreter (the base image must run the same Python minor version) on the ``target``'s
+    architecture, extras only when asked.
     """
-    requirement_cls = _requirement_class()
+    from packaging.requirements import Requirement
+
+    env: dict[str, str] = {}
+    if target is not None:
+        env = {"platform_machine": target.machine, "sys_platform": "linux", "platform_system": "Linux",
+               "os_name": "posix", "python_version": f"{target.python[0]}.{target.python[1]}"}
     installed_dists = _installed()
     queue: deque[tuple[Any, str | None]] = deque()
     for text in ["stepflow", *_local_plugins(installed_dists)]:
-        queue.append((requirement_cls(text), None))
+        queue.append((Requirement(text), None))
     for text in requirements:
         try:
-            queue.append((requirement_cls(text), None))
+            queue.append((Requirement(text), None))
         except Exception as exc:
             raise ImageBuildError(f"invalid requirement {text!r} in the image spec: {exc}") from None
     roots: dict[str, tuple[str, set[str]]] = {}
@@ -224,8 +437,9 @@ def resolve_closure(requirements: Iterable[str]) -> tuple[list[_Dist], list[str]
                     f"versions installed here, so install it (pip install {req.name}) or drop it from "
                     "the requirements")
             raise ImageBuildError(
-                f"distribution '{req.name}' (required by {parent}) is not installed on the host; "
-                f"reinstall {parent} so its dependencies are complete")
+                f"distribution '{req.name}' (required by {parent}"
+                f"{f' on {target.platform}' if target is not None else ''}) is not installed on the host; "
+                f"install it (pip install '{req}') or reinstall {parent} so its dependencies are complete")
         if req.specifier and not req.specifier.contains(installed.version, prereleases=True):
             raise ImageBuildError(
                 f"'{req}'{f' (required by {parent})' if parent else ''} does not match the installed "
@@ -242,13 +456,13 @@ def resolve_closure(requirements: Iterable[str]) -> tuple[list[_Dist], list[str]
         if not todo:
             continue
         for text in installed.requires or ():
-            dep = requirement_cls(text)
+            dep = Requirement(text)
             for extra in todo:
                 if extra == "":
-                    applies = dep.marker is None or dep.marker.evaluate({"extra": ""})
+                    applies = dep.marker is None or dep.marker.evaluate(dict(env, extra=""))
                 else:
                     applies = (dep.marker is not None and "extra" in str(dep.marker)
-                               and dep.marker.evaluate({"extra": extra}))
+                               and dep.marker.evaluate(dict(env, extra=extra)))
                 if applies:
                     queue.append((dep, found[name].display))
                     break
@@ -314,6 +528,145 @@ def wheel_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _site_rel(python: tuple[int, int]) -> str:
+    """The user site-packages of a user base, relative to it (as ``site.getusersitepackages``)."""
+    return f"lib/python{python[0]}.{python[1]}/site-packages"
+
+
+_DOTTED = re.compile(r"^[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*$")
+
+
+def _launcher(value: str) -> str | None:
+    """A console-script launcher for entry point ``module:attr [extras]`` (None if malformed)."""
+    module, _, attr = value.partition(":")
+    module, attr = module.strip(), attr.split("[", 1)[0].strip()
+    if not _DOTTED.match(module) or not _DOTTED.match(attr):
+        return None
+    return (f"#!/usr/bin/env python3\nimport sys\n\nfrom {module} import {attr.split('.')[0]}\n\n"
+            f"if __name__ == \"__main__\":\n    sys.exit({attr}())\n")
+
+
+def _record_line(path: Path, site: Path) -> str:
+    data = path.read_bytes()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{os.path.relpath(path, site).replace(os.sep, '/')},sha256={digest},{len(data)}"
+
+
+def unpack_wheel(wheel: Path, dest: Path, python: tuple[int, int]) -> None:
+    """Install ``wheel`` into ``dest`` laid out as a user base (``PYTHONUSERBASE``), as pip would.
+
+    Packages (and ``.data/purelib``/``platlib``) go to lib/pythonX.Y/site-packages, ``.data/scripts``
+    (``#!python`` rewritten) and console-script launchers to bin, headers to include and
+    ``.data/data`` to ``dest`` itself; the dist-info gets INSTALLER and a RECORD of what was written.
+    Interpreter lines say ``/usr/bin/env python3``: the image's python3, whatever the host's is.
+    """
+    from packaging.utils import parse_wheel_filename
+
+    name = parse_wheel_filename(wheel.name)[0]
+    site = dest / _site_rel(python)
+    homes = {"purelib": site, "platlib": site, "scripts": dest / "bin", "data": dest,
+             "headers": dest / "include" / f"python{python[0]}.{python[1]}" / name}
+    written: list[Path] = []
+    info_dirs: set[str] = set()
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            parts = PurePosixPath(info.filename).parts
+            if (not parts or info.filename.startswith("/") or "\\" in info.filename
+                    or any(p in ("", ".", "..") for p in parts)):
+                raise ImageBuildError(f"wheel {wheel.name} has an unsafe member path {info.filename!r}")
+            scheme = ""
+            if len(parts) > 2 and parts[0].endswith(".data"):
+                scheme = parts[1]
+                if scheme not in homes:
+                    raise ImageBuildError(f"wheel {wheel.name} has an unknown .data directory {scheme!r}")
+                target = homes[scheme].joinpath(*parts[2:])
+            else:
+                target = site.joinpath(*parts)
+                if parts[0].endswith(".dist-info"):
+                    info_dirs.add(parts[0])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                if scheme == "scripts":
+                    first = src.readline()
+                    out.write(b"#!/usr/bin/env python3\n" if first.startswith(b"#!python") else first)
+                shutil.copyfileobj(src, out)
+            executable = scheme == "scripts" or (info.external_attr >> 16) & 0o111
+            target.chmod(0o755 if executable else 0o644)
+            written.append(target)
+    if len(info_dirs) != 1:
+        raise ImageBuildError(f"wheel {wheel.name} has {len(info_dirs)} .dist-info directories, not one")
+    dist_info = site / info_dirs.pop()
+    entry_points = dist_info / "entry_points.txt"
+    if entry_points.is_file():
+        parser = configparser.ConfigParser(interpolation=None, delimiters=("=",))
+        parser.optionxform = str  # type: ignore[assignment,method-assign]  # script names are case-sensitive
+        try:
+            parser.read_string(entry_points.read_text(encoding="utf-8"))
+        except (configparser.Error, UnicodeDecodeError) as exc:
+            raise ImageBuildError(f"wheel {wheel.name} has an invalid entry_points.txt: {exc}") from None
+        for group in ("console_scripts", "gui_scripts"):
+            if not parser.has_section(group):
+                continue
+            for script, value in parser.items(group):
+                text = _launcher(value)
+                if text is None or "/" in script or script in ("", ".", ".."):
+                    continue
+                path = dest / "bin" / script
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                path.chmod(0o755)
+                written.append(path)
+    (dist_info / "INSTALLER").write_text("stepflow\n")
+    record = dist_info / "RECORD"
+    lines = [_record_line(p, site) for p in sorted(set(written) | {dist_info / "INSTALLER"}) if p != record]
+    record.write_text("\n".join([*lines, f"{os.path.relpath(record, site).replace(os.sep, '/')},,"]) + "\n")
+    for parent, _, _ in os.walk(dest):
+        os.chmod(parent, 0o755)  # readable by any user the image runs as, whatever this umask
+
+
+def _pack_trees(trees: list[tuple[str, Path]], archive: Path) -> list[str]:
+    """Write the files of the unpacked ``(name, tree)`` pairs into the tar ``archive``.
+
+    One archive, ADDed by the Dockerfile, is much cheaper for the daemon than thousands of files
+    in the context. Entries are sorted, owned by root and dated :data:`_ARCHIVE_MTIME` (the pycs are
+    hash-checked), so equal wheels give an equal archive. A path shipped by two distributions
+    keeps the first one's file; returns a warning for each such path whose contents differ.
+    """
+    files: dict[str, tuple[str, Path]] = {}
+    dirs: set[str] = set()
+    warnings = []
+    for name, tree in trees:
+        for parent, _, names in os.walk(tree):
+            rel_parent = Path(parent).relative_to(tree).as_posix()
+            if rel_parent != ".":
+                dirs.add(rel_parent)
+            for file in names:
+                rel = file if rel_parent == "." else f"{rel_parent}/{file}"
+                src = Path(parent) / file
+                if rel in files:
+                    owner, first = files[rel]
+                    if "__pycache__" not in rel and _file_sha(src) != _file_sha(first):
+                        warnings.append(f"{rel} is shipped by both {owner} and {name}; the image has {owner}'s")
+                    continue
+                files[rel] = (name, src)
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for rel in sorted(dirs):
+            info = tarfile.TarInfo(rel)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, _ARCHIVE_MTIME
+            tar.addfile(info)
+        for rel in sorted(files):
+            src = files[rel][1]
+            info = tarfile.TarInfo(rel)
+            st = src.stat()
+            info.size, info.mtime = st.st_size, _ARCHIVE_MTIME
+            info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+            with open(src, "rb") as fh:
+                tar.addfile(info, fh)
+    return warnings
+
+
 # ------------------------------------------------------------------------------------ Dockerfile
 def _env_value(value: str) -> str:
     if "\n" in value or "\r" in value:
@@ -322,9 +675,13 @@ def _env_value(value: str) -> str:
     return f'"{escaped}"'
 
 
-def render_dockerfile(base_image: str, installs: list[str], env: tuple[tuple[str, str], ...],
-                      with_project: bool) -> str:
-    """The Dockerfile of a step image (deterministic for equal inputs)."""
+def render_dockerfile(base_image: str, env: tuple[tuple[str, str], ...], with_project: bool,
+                      python: tuple[int, int]) -> str:
+    """The Dockerfile of a step image (deterministic for equal inputs).
+
+    It only copies files (no ``RUN``): the packages arrive unpacked, so an image for another
+    architecture builds without emulation. ``python`` is the base image's Python (major, minor).
+    """
     if not base_image or any(c.isspace() for c in base_image):
         raise ImageBuildError(f"invalid base image reference {base_image!r}")
     lines = ["# Generated by stepflow; the image tag is a hash of this file and everything it copies.",
@@ -333,32 +690,35 @@ def render_dockerfile(base_image: str, installs: list[str], env: tuple[tuple[str
         if not _ENV_KEY.match(key):
             raise ImageBuildError(f"invalid environment variable name {key!r} in the image spec")
         lines.append(f"ENV {key}={_env_value(value)}")
-    pip = ["python3", "-m", "pip", "install", "--no-index", "--find-links", WHEEL_DIR,
-           "--break-system-packages", "--no-cache-dir", "--disable-pip-version-check",
-           "--root-user-action=ignore", "--no-warn-script-location", *installs]
-    lines += [f"COPY wheels {WHEEL_DIR}", f"RUN {json.dumps(pip)}"]
+    # The user site of PYTHONUSERBASE comes before the base image's site-packages, .pth files included.
+    lines += [f"# Python {python[0]}.{python[1]} packages in {USER_BASE}/{_site_rel(python)}, scripts in "
+              f"{USER_BASE}/bin (ADD unpacks the archive).",
+              f'ENV PYTHONUSERBASE={USER_BASE} PATH="{USER_BASE}/bin:${{PATH}}"',
+              f"ADD python.tar {USER_BASE}/"]
     if with_project:
         lines += [f"COPY project {PROJECT_DIR}", f"ENV PYTHONPATH={PROJECT_DIR}", f"WORKDIR {PROJECT_DIR}"]
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------ locks, flights
-_LOCKS_GUARD = threading.Lock()
-_LOCKS: dict[str, threading.Lock] = {}
-
-
 @asynccontextmanager
-async def process_lock(key: str) -> AsyncIterator[None]:
-    """A lock per ``key`` shared by every manager (and event loop) of this process.
+async def file_lock(path: Path) -> AsyncIterator[None]:
+    """An exclusive lock on the file ``path``, shared by every process (and event loop) of this machine.
 
-    Acquired by polling so a waiting coroutine never blocks its loop and can be cancelled.
+    Polled without blocking so a waiting coroutine never blocks its loop and can be cancelled.
     """
-    with _LOCKS_GUARD:
-        lock = _LOCKS.setdefault(key, threading.Lock())
+    from filelock import FileLock, Timeout
+
+    await anyio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+    lock = FileLock(str(path), thread_local=False)  # one instance per holder: never reentrant
     delay = 0.005
-    while not lock.acquire(blocking=False):
-        await anyio.sleep(delay)
-        delay = min(delay * 2, 0.1)
+    while True:
+        try:
+            lock.acquire(blocking=False)
+            break
+        except Timeout:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.1)
     try:
         yield
     finally:
@@ -406,6 +766,7 @@ class _Prepared:
     tag: str
     context: Path
     base_id: str
+    platform: str
 
 
 class _Call:
@@ -415,6 +776,11 @@ class _Call:
 
     def __init__(self, step: str | None) -> None:
         self.step = step
+
+
+
+#: What builders found in base images, by image id (an id names fixed contents, so it never changes).
+_BASE_INFO: dict[str, dict[str, Any]] = {}
 
 
 # ------------------------------------------------------------------------------------ the manager
@@ -438,6 +804,7 @@ class ImageManager:
         self._spec_flights: dict[ImageSpec, _Flight[tuple[str, object]]] = {}
         self._tag_flights: dict[str, _Flight[str]] = {}
         self._pip_limit = anyio.CapacityLimiter(_PIP_PROCESSES)
+        self._inspect_locks: dict[str, anyio.Lock] = {}
         self._swept = False
 
     # -- public -------------------------------------------------------------------------
@@ -457,6 +824,12 @@ class ImageManager:
             self._emit(ImageBuildFinished, image=ref, cached=True,
                        duration=time.perf_counter() - started, step=step)
         return ref
+
+    async def wheelhouse(self, requirements: Iterable[str], target: WheelTarget, *,
+                         progress: Callable[[str], None] | None = None) -> list[Path]:
+        """The wheels an image for ``target`` ships with ``requirements``, from the cache or made now."""
+        dists, _ = await anyio.to_thread.run_sync(resolve_closure, tuple(requirements), target)
+        return [path for path, _ in await self._wheelhouse(dists, target, progress)]
 
     # -- one spec: context then one tag flight ---------------------------------------------
     async def _ensure_spec(self, spec: ImageSpec, call: _Call) -> tuple[str, object]:
@@ -478,8 +851,10 @@ class ImageManager:
     async def _publish(self, prepared: _Prepared, repository: str, ref: str, call: _Call) -> str:
         """Registry check, then build + push unless present. Emits the build events."""
         started = time.perf_counter()
+        lock = self.cache_dir / "locks" / f"image-{hashlib.sha256(ref.encode()).hexdigest()[:32]}.lock"
         try:
-            async with process_lock(f"image:{ref}"):
+            # Other managers and processes sharing this cache wait, then find the image pushed.
+            async with file_lock(lock):
                 self.stats.registry_checks += 1
                 try:
                     present = await self.registry.has_image(repository, prepared.tag)
@@ -493,7 +868,8 @@ class ImageManager:
                 self._emit(ImageBuildStarted, image=ref, step=call.step)
                 t0 = time.perf_counter()
                 self.stats.builds += 1
-                await self.builder.build(prepared.context, ref, progress=progress)
+                extra = {"platform": prepared.platform} if _accepts_platform(self.builder.build) else {}
+                await self.builder.build(prepared.context, ref, progress=progress, **extra)
                 self._emit(ImageBuildFinished, image=ref, cached=False,
                            duration=time.perf_counter() - t0, step=call.step)
                 t1 = time.perf_counter()
@@ -511,21 +887,23 @@ class ImageManager:
             self._swept = True
             await anyio.to_thread.run_sync(_sweep, self.cache_dir)
         base_id = await self._base_image_id(spec.base_image)
-        dists, installs = await anyio.to_thread.run_sync(resolve_closure, spec.requirements)
+        target = await self._target(spec, base_id)
+        dists, _ = await anyio.to_thread.run_sync(resolve_closure, spec.requirements, target)
         project = spec.project_root.resolve() if spec.project_root is not None else None
         if project is not None and not project.is_dir():
             raise ImageBuildError(f"project_root {project} is not a directory")
-        dockerfile = render_dockerfile(spec.base_image, installs, spec.env, project is not None)
-        wheels = await self._wheelhouse(dists, progress)
+        dockerfile = render_dockerfile(spec.base_image, spec.env, project is not None, target.python)
+        wheels = await self._wheelhouse(dists, target, progress)
+        trees = await self._trees(wheels, target)
         context = self.cache_dir / "contexts" / uuid.uuid4().hex
 
         warnings: list[str] = []
 
         def stage() -> str:
-            (context / "wheels").mkdir(parents=True)
+            context.mkdir(parents=True)
             (context / "Dockerfile").write_text(dockerfile)
-            for path, _ in wheels:
-                _link_or_copy(path, context / "wheels" / path.name)
+            warnings.extend(_pack_trees([(d.display, t) for d, t in zip(dists, trees, strict=True)],
+                                        context / "python.tar"))
             files: list[tuple[str, str, bool]] = []
             if project is not None:
                 (context / "project").mkdir()
@@ -533,6 +911,7 @@ class ImageManager:
                 warnings.extend(w.message for w in listing.warnings)
             h = hashlib.sha256(f"{_LAYOUT}\n".encode())
             h.update(f"dockerfile\0{dockerfile}\0base\0{spec.base_image}\0{base_id}\n".encode())
+            h.update(f"target\0{target.platform}\0{target.key}\n".encode())
             for path, digest in sorted(wheels, key=lambda w: w[0].name):
                 h.update(f"wheel\0{path.name}\0{digest}\n".encode())
             for rel, sha, executable in files:
@@ -548,7 +927,7 @@ class ImageManager:
             if progress is not None:
                 progress(f"warning: {line}")
         self.stats.last_context_seconds = time.perf_counter() - t0
-        return _Prepared(tag, context, base_id)
+        return _Prepared(tag, context, base_id, target.platform)
 
     async def _base_image_id(self, base_image: str) -> str:
         image_id = getattr(self.builder, "image_id", None)
@@ -568,30 +947,46 @@ class ImageManager:
                                   "(scripts/services.sh does) or set --base_image")
         return str(found)
 
+    async def _target(self, spec: ImageSpec, base_id: str) -> WheelTarget:
+        """What the wheels must run on, after checking the base image can run the step at all."""
+        platform = normalize_platform(spec.platform)
+        inspect_base = getattr(self.builder, "inspect_base", None)
+        if inspect_base is None or not base_id:  # the builder cannot tell: trust the spec
+            return WheelTarget(platform, sys.version_info[:2])
+        lock = self._inspect_locks.setdefault(base_id, anyio.Lock())
+        async with lock:
+            info = _BASE_INFO.get(base_id)
+            if info is None:
+                self.stats.base_inspections += 1
+                info = dict(await inspect_base(base_id))
+                _BASE_INFO[base_id] = info
+        return check_base(spec.base_image, info, platform)
+
     # -- wheelhouse --------------------------------------------------------------------
-    async def _wheelhouse(self, dists: list[_Dist],
+    async def _wheelhouse(self, dists: list[_Dist], target: WheelTarget,
                           progress: Callable[[str], None] | None = None) -> list[tuple[Path, str]]:
         """(wheel path, content digest) of every distribution, from the cache or made now."""
         t0 = time.perf_counter()
-        root = self.cache_dir / "wheels"
+        root = self.cache_dir / "wheels" / target.key
         keys = await anyio.to_thread.run_sync(self._cache_keys, dists, root)
         found = await anyio.to_thread.run_sync(_lookup, dists, keys)
         self.stats.wheels_reused += len(found)
         missing = [d for d in dists if d.name not in found]
         if missing:
-            async with process_lock(f"wheels:{root}"):
-                # Another manager may have made some of them while we waited.
+            async with file_lock(root / ".lock"):
+                # Another manager or process may have made some of them while we waited.
                 again = await anyio.to_thread.run_sync(_lookup, missing, keys)
                 found.update(again)
                 self.stats.wheels_reused += len(again)
                 still = [d for d in missing if d.name not in found]
                 if still:
-                    found.update(await self._make_wheels(still, keys, root))
+                    found.update(await self._make_wheels(still, keys, target))
         wheels = [found[d.name] for d in dists]
         self.stats.last_wheelhouse_seconds = time.perf_counter() - t0
         if missing and progress is not None:
-            progress(f"wheelhouse: {len(wheels)} wheels, {len(wheels) - len(missing)} from the cache, "
-                     f"{len(missing)} downloaded or built in {self.stats.last_wheelhouse_seconds:.1f} s")
+            progress(f"wheelhouse for {target.describe()}: {len(wheels)} wheels, {len(wheels) - len(missing)} "
+                     f"from the cache, {len(missing)} downloaded or built in "
+                     f"{self.stats.last_wheelhouse_seconds:.1f} s")
         self.stats.last_wheel_count = len(wheels)
         self.stats.last_wheelhouse_bytes = sum(p.stat().st_size for p, _ in wheels)
         return wheels
@@ -614,7 +1009,7 @@ class ImageManager:
         return keys
 
     async def _make_wheels(self, dists: list[_Dist], keys: dict[str, Path],
-                           root: Path) -> dict[str, tuple[Path, str]]:
+                           target: WheelTarget) -> dict[str, tuple[Path, str]]:
         """Download or build the missing wheels, several pip processes at once.
 
         Index distributions are fetched in a few batched ``pip download`` runs (one run per
@@ -628,16 +1023,16 @@ class ImageManager:
         async def one(d: _Dist) -> None:
             async with self._pip_limit:
                 try:
-                    out[d.name] = await self._make_one(d, keys[d.name], root)
+                    out[d.name] = await self._make_one(d, keys[d.name], target)
                 except ImageBuildError as exc:
                     errors.append(exc)  # the others still finish (and are cached for next time)
 
         async def batch(chunk: list[_Dist]) -> None:
             async with self._pip_limit:
-                tmp = root / "tmp" / uuid.uuid4().hex
+                tmp = self._tmp()
                 try:
-                    ok, _ = await self._pip(["download", "--no-deps", "--only-binary=:all:", "--dest", str(tmp),
-                                             *(f"{d.name}=={d.version}" for d in chunk)])
+                    ok, _ = await self._pip(["download", "--no-deps", "--only-binary=:all:", *target.pip_args(),
+                                             "--dest", str(tmp), *(f"{d.name}=={d.version}" for d in chunk)])
                     if ok:
                         by_name = {_canon(p.name.split("-", 1)[0]): p for p in tmp.glob("*.whl")}
                         for d in chunk:
@@ -667,39 +1062,109 @@ class ImageManager:
                                   + "\n".join(f"- {e}" for e in errors))
         return out
 
-    async def _make_one(self, d: _Dist, key: Path, root: Path) -> tuple[Path, str]:
-        tmp = root / "tmp" / uuid.uuid4().hex
+    async def _make_one(self, d: _Dist, key: Path, target: WheelTarget) -> tuple[Path, str]:
+        tmp = self._tmp()
+        host = host_platform()
+        here = f"this {host} host" if host else "this host, which is not Linux"
+        elsewhere = (f"build the image on a {target.platform} host" if host is None or host != target.platform
+                     else "make its source build here")
         try:
             if d.kind == "direct" and d.source.endswith(".whl") and Path(d.source).is_file():
                 await anyio.to_thread.run_sync(_copy_into, Path(d.source), tmp)
+                how = f"'{d.display}' was installed from the wheel {d.source}, which"
             elif d.kind == "index":
                 pin = f"{d.name}=={d.version}"
-                ok, log = await self._pip(["download", "--no-deps", "--only-binary=:all:", "--dest", str(tmp), pin])
+                what = f"cannot get a wheel of '{pin}' for {target.describe()}"
+                advice = (f"Pin a version of {d.display} that publishes wheels for {target.platform} "
+                          f"({target.platform_tags()[-1]} or newer up to {target.platform_tags()[0]}), "
+                          f"{elsewhere}, or choose another platform for the image")
+                ok, log = await self._pip(["download", "--no-deps", "--only-binary=:all:", *target.pip_args(),
+                                           "--dest", str(tmp), pin])
                 if ok:
                     self.stats.wheels_downloaded += 1
                 else:
+                    if d.pure is False and host != target.platform:
+                        raise ImageBuildError(
+                            f"{what}: the package index has none, and the copy installed here is not pure Python "
+                            f"(a wheel built from its source on {here} would not run there). {advice}.\n"
+                            f"pip said:\n{_tail(log, 5)}")
                     ok, log2 = await self._pip(["wheel", "--no-deps", "--wheel-dir", str(tmp), pin])
                     if not ok:
                         raise ImageBuildError(
-                            f"cannot get a wheel of '{d.display}=={d.version}' for the image: pip download "
-                            f"found no wheel and pip wheel failed; pip said:\n{_tail(log, 5)}\n---\n"
-                            f"{_tail(log2, _PIP_TAIL)}")
+                            f"{what}: the package index has none (pip download found no matching wheel) and "
+                            f"building one from source on {here} failed. {advice}.\npip said:\n{_tail(log, 5)}\n"
+                            f"---\n{_tail(log2, _PIP_TAIL)}")
                     self.stats.wheels_built += 1
+                how = (f"the package index has no wheel of '{pin}' for {target.platform}, and its source built "
+                       f"on {here} gives")
             else:
-                target = d.source if d.kind == "local" else f"{d.display} @ {d.source}"
-                ok, log = await self._pip(["wheel", "--no-deps", "--wheel-dir", str(tmp), target])
+                source = d.source if d.kind == "local" else f"{d.display} @ {d.source}"
+                ok, log = await self._pip(["wheel", "--no-deps", "--wheel-dir", str(tmp), source])
                 if not ok:
                     raise ImageBuildError(
                         f"cannot build a wheel of '{d.display}' from {d.source} (pip wheel failed):\n"
                         f"{_tail(log, _PIP_TAIL)}")
                 self.stats.wheels_built += 1
+                how = f"'{d.display}' (installed from {d.source}) built on {here} gives"
             built = sorted(tmp.glob("*.whl"))
             if len(built) != 1:
                 raise ImageBuildError(f"expected one wheel of '{d.display}' in {tmp}, found "
                                       f"{[p.name for p in built] or 'none'}")
+            if not target.accepts(built[0].name):
+                # Checked before caching: the cache of a target only ever holds wheels that run on it.
+                raise ImageBuildError(
+                    f"'{d.display}' has no wheel for {target.describe()}: {how} {built[0].name}, which does not "
+                    f"run there (platform-specific wheels built here run only on {host or 'this host'}). "
+                    f"Pin a version of {d.display} that publishes {target.platform} wheels, {elsewhere}, or "
+                    "choose another platform for the image")
             return await anyio.to_thread.run_sync(_store_wheel, built[0], key)
         finally:
             await _remove_tree(tmp)
+
+    async def _trees(self, wheels: list[tuple[Path, str]], target: WheelTarget) -> list[Path]:
+        """The unpacked tree (a user-base layout) of every wheel, unpacked and compiled now if missing.
+
+        A tree lies next to its wheel in the cache, so it is made once per wheel and target.
+        """
+        trees = [path.parent / "tree" for path, _ in wheels]
+        missing = [path for path, _ in wheels if not (path.parent / "tree").is_dir()]
+        self.stats.last_unpack_seconds = 0.0
+        if not missing:
+            return trees
+        t0 = time.perf_counter()
+        async with file_lock(self.cache_dir / "wheels" / target.key / ".lock"):
+            missing = [path for path in missing if not (path.parent / "tree").is_dir()]
+            staged: list[tuple[Path, Path]] = []
+            try:
+                def unpack() -> None:
+                    for path in missing:
+                        staging = self._tmp()
+                        staged.append((path, staging))
+                        unpack_wheel(path, staging, target.python)
+
+                await anyio.to_thread.run_sync(unpack)
+                if staged and target.python == sys.version_info[:2]:  # bytecode of this interpreter's minor
+                    site = _site_rel(target.python)
+                    await anyio.run_process([sys.executable, "-c", _COMPILE, f"{USER_BASE}/{site}",
+                                             *(str(s / site) for _, s in staged)],
+                                            check=False, stdin=subprocess.DEVNULL)
+
+                def place() -> None:
+                    for path, staging in staged:
+                        with suppress(OSError):  # placed by another process meanwhile
+                            staging.rename(path.parent / "tree")
+
+                await anyio.to_thread.run_sync(place)
+            finally:
+                for _, staging in staged:
+                    await _remove_tree(staging)
+        self.stats.wheels_unpacked += len(staged)
+        self.stats.last_unpack_seconds = time.perf_counter() - t0
+        return trees
+
+    def _tmp(self) -> Path:
+        """A fresh scratch directory path in the wheel cache (swept when stale)."""
+        return self.cache_dir / "wheels" / "tmp" / uuid.uuid4().hex
 
     async def _pip(self, args: list[str]) -> tuple[bool, str]:
         self.stats.pip_runs += 1
@@ -723,6 +1188,15 @@ class ImageManager:
             emit(LogLine, step=who, line=line, stream="build")
 
         return progress
+
+
+def _accepts_platform(build: Callable[..., Any]) -> bool:
+    """Whether an ImageBuilder's ``build`` takes ``platform=`` (an optional extension of the interface)."""
+    try:
+        params = inspect.signature(build).parameters
+    except (TypeError, ValueError):
+        return False
+    return "platform" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _stepflow_home() -> Path:
@@ -815,13 +1289,6 @@ def _store_wheel(wheel: Path, key: Path) -> tuple[Path, str]:
 def _copy_into(path: Path, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy2(path, directory / path.name)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 async def _remove_tree(path: Path) -> None:

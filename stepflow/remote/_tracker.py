@@ -200,6 +200,7 @@ class Tracker:
             batch = batches.get(watch.job_id)
             if batch is not None:
                 watch.cursor = batch.cursor
+                watch.log_failures = 0  # the notice is about an outage: failures in a row, not scattered throttling
                 if batch.lines and watch.on_lines is not None:
                     _safely(watch.on_lines, batch.lines)
             elif error is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import posixpath
 import re
 import tarfile
 import tempfile
@@ -28,6 +30,26 @@ _STORE_RACE = re.compile(
     r"|image/\w+/imagedb/.*no such file", re.IGNORECASE)
 #: Per-layer progress statuses that are pure noise in a log (their final status is kept).
 _NOISY = frozenset({"Pushing", "Downloading", "Extracting", "Waiting", "Verifying Checksum"})
+#: Seconds python3 may take to answer in a base image (emulated architectures are slow).
+PROBE_TIMEOUT = 120.0
+#: Run by python3 in a base image: its version, C library and whether it reads user site-packages.
+_PROBE = """
+import glob, json, os, site, sys
+try:
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+except (ValueError, OSError):
+    libc = ""
+if not libc and glob.glob("/lib/ld-musl-*"):
+    libc = "musl"
+print(json.dumps({"python": list(sys.version_info[:2]), "libc": libc, "user_site": bool(site.ENABLE_USER_SITE)}))
+"""
+#: Docker architecture -> (uname machine, Debian multiarch triplet), to find files in an image.
+_MACHINES = {"amd64": ("x86_64", "x86_64-linux-gnu"), "arm64": ("aarch64", "aarch64-linux-gnu"),
+             "386": ("i386", "i386-linux-gnu"), "arm": ("armhf", "arm-linux-gnueabihf"),
+             "ppc64le": ("ppc64le", "powerpc64le-linux-gnu"), "s390x": ("s390x", "s390x-linux-gnu"),
+             "riscv64": ("riscv64", "riscv64-linux-gnu")}
+_GLIBC_VERSION = re.compile(rb"GNU C Library[^\n\0]*?version (\d+)\.(\d+)")
+_PYTHON_NAME = re.compile(r"python(\d+)\.(\d+)$")
 
 
 def split_reference(ref: str) -> tuple[str, str]:
@@ -113,14 +135,18 @@ class DockerImageBuilder(ImageBuilder):
             await docker.close()
 
     # -- ImageBuilder ------------------------------------------------------------------
-    async def build(self, context: Path, tag: str, *, progress: Progress | None = None) -> str:
-        """Build ``context`` (a Dockerfile at its root) as ``tag``; return the image id."""
+    async def build(self, context: Path, tag: str, *, progress: Progress | None = None,
+                    platform: str | None = None) -> str:
+        """Build ``context`` (a Dockerfile at its root) as ``tag``; return the image id.
+
+        ``platform`` (e.g. "linux/arm64") is the platform the image is for; its base image must be of it.
+        """
         tarball = await anyio.to_thread.run_sync(_tar_context, Path(context))
         try:
             for attempt in range(1, STORE_RACE_ATTEMPTS + 1):
                 emit = _Lines(progress)
                 try:
-                    image_id = await self._build_once(tarball, tag, emit)
+                    image_id = await self._build_once(tarball, tag, emit, platform)
                 except _StoreRace as race:
                     if attempt == STORE_RACE_ATTEMPTS:
                         raise ImageBuildError(race.message) from None
@@ -134,7 +160,7 @@ class DockerImageBuilder(ImageBuilder):
             await anyio.to_thread.run_sync(_unlink, tarball)
         raise AssertionError("unreachable")
 
-    async def _build_once(self, tarball: str, tag: str, emit: _Lines) -> str | None:
+    async def _build_once(self, tarball: str, tag: str, emit: _Lines, platform: str | None) -> str | None:
         import aiodocker
 
         image_id: str | None = None
@@ -142,7 +168,7 @@ class DockerImageBuilder(ImageBuilder):
             try:
                 with open(tarball, "rb") as fh:
                     stream = docker.images.build(fileobj=fh, encoding="identity", tag=tag, stream=True,
-                                                 rm=True, forcerm=True)
+                                                 rm=True, forcerm=True, platform=platform)
                     async for chunk in stream:
                         if "aux" in chunk and isinstance(chunk["aux"], dict):
                             image_id = chunk["aux"].get("ID") or image_id
@@ -150,7 +176,11 @@ class DockerImageBuilder(ImageBuilder):
             except aiodocker.DockerError as exc:
                 if exc.status == 900:
                     raise
-                message = (f"building image {tag} failed: {exc.message}\n"
+                hint = ""
+                if platform and re.search(r"platform|exec format", exc.message, re.IGNORECASE):
+                    hint = (f" (the image is for {platform}: its base image must be a {platform} image, and "
+                            "RUN steps need emulation of that architecture on the daemon's host)")
+                message = (f"building image {tag} failed: {exc.message}{hint}\n"
                            f"--- last lines of the build output ---\n{emit.tail_text()}")
                 if _STORE_RACE.search(exc.message):
                     # Another client deleted a cached layer this build was using: a rerun
@@ -200,6 +230,106 @@ class DockerImageBuilder(ImageBuilder):
                     return None
                 raise
         return str(info["Id"])
+
+    async def inspect_base(self, ref: str, *, run: bool = True) -> dict[str, Any]:
+        """What a step image needs to know about base image ``ref`` (on the daemon).
+
+        Keys: ``platform`` (e.g. "linux/arm64"), ``python`` ([major, minor]), ``libc`` ("glibc 2.36",
+        "musl", or "" when unknown) and ``user_site`` (whether its python3 reads user site-packages;
+        None when unknown). Runs python3 in a throw-away container; an image of an architecture the
+        daemon cannot run (no emulation), or ``run=False``, is read from its files instead, without
+        running anything.
+        """
+        import aiodocker
+
+        async with self._daemon() as docker:
+            try:
+                info = await docker.images.inspect(ref)
+            except aiodocker.DockerError as exc:
+                if exc.status == 404:
+                    raise ImageBuildError(f"base image '{ref}' not found on the Docker daemon") from None
+                raise
+            arch = str(info.get("Architecture") or "")
+            platform = "/".join(str(p) for p in (info.get("Os"), arch, info.get("Variant")) if p)
+            config = info.get("Config") or {}
+            env = dict(str(e).partition("=")[::2] for e in config.get("Env") or ())
+            found: dict[str, Any] | None = None
+            if run:
+                found = await self._run_probe(docker, ref, str(info["Id"]))
+            if found is None:
+                found = await self._read_probe(docker, ref, str(info["Id"]), env, arch)
+        return {"platform": platform, **found}
+
+    async def _run_probe(self, docker: Any, ref: str, image_id: str) -> dict[str, Any] | None:
+        """Ask python3 in ``image_id``; None when the daemon cannot run that architecture."""
+        import aiodocker
+
+        config = {"Image": image_id, "Entrypoint": ["python3"], "Cmd": ["-c", _PROBE], "Labels": {"stepflow": "probe"},
+                  "NetworkDisabled": True, "HostConfig": {"NetworkMode": "none"}}
+        container = await docker.containers.create(config)
+        try:
+            try:
+                await container.start()
+            except aiodocker.DockerError as exc:
+                if "exec format error" in exc.message:
+                    return None
+                if "not found" in exc.message or "no such file" in exc.message.lower():
+                    raise ImageBuildError(f"base image '{ref}' has no python3 on its PATH: step images run "
+                                          "`python3 -m stepflow.entrypoint` (use a base image with Python)") from None
+                raise ImageBuildError(f"cannot run python3 in base image '{ref}': {exc.message}") from None
+            with anyio.fail_after(PROBE_TIMEOUT):
+                result = await container.wait()
+            if result.get("StatusCode") != 0:
+                text = "".join(await container.log(stdout=True, stderr=True)).strip()
+                if "exec format error" in text:
+                    return None
+                raise ImageBuildError(f"python3 in base image '{ref}' failed (exit {result.get('StatusCode')}):\n"
+                                      f"{text[-2000:]}")
+            text = "".join(await container.log(stdout=True)).strip()
+            try:
+                found: dict[str, Any] = json.loads(text.splitlines()[-1])
+            except (ValueError, IndexError):
+                raise ImageBuildError(f"python3 in base image '{ref}' gave an unexpected answer: "
+                                      f"{text[-500:]!r}") from None
+            return found
+        finally:
+            with anyio.CancelScope(shield=True):
+                await container.delete(force=True)
+
+    async def _read_probe(self, docker: Any, ref: str, image_id: str, env: dict[str, str],
+                          arch: str) -> dict[str, Any]:
+        """Python version and C library of ``image_id`` from its files (nothing runs)."""
+        container = await docker.containers.create({"Image": image_id, "Entrypoint": ["python3"], "Cmd": []})
+        try:
+            python: list[int] | None = None
+            version = re.match(r"(\d+)\.(\d+)", env.get("PYTHON_VERSION", ""))  # official python images
+            if version:
+                python = [int(version.group(1)), int(version.group(2))]
+            for directory in (env.get("PATH") or "/usr/local/bin:/usr/bin:/bin").split(":"):
+                if python is not None or not directory.startswith("/"):
+                    continue
+                resolved = await _fetch(container, posixpath.join(directory, "python3"), _PYTHON_NAME)
+                named = _PYTHON_NAME.search(resolved[0] if resolved else "")
+                if named:
+                    python = [int(named.group(1)), int(named.group(2))]
+            if python is None:
+                raise ImageBuildError(f"cannot tell the Python version of base image '{ref}' ({arch}) without "
+                                      "running it: no python3 -> python3.X link on its PATH and no PYTHON_VERSION")
+            machine, triplet = _MACHINES.get(arch, (arch, f"{arch}-linux-gnu"))
+            libc = "musl" if await _fetch(container, f"/lib/ld-musl-{machine}.so.1") is not None else ""
+            for path in (f"/lib/{triplet}/libc.so.6", f"/usr/lib/{triplet}/libc.so.6", "/lib64/libc.so.6",
+                         "/usr/lib64/libc.so.6", "/lib/libc.so.6"):
+                if libc:
+                    break
+                found = await _fetch(container, path)
+                glibc = _GLIBC_VERSION.search(found[1] if found else b"")
+                if glibc:
+                    libc = f"glibc {int(glibc.group(1))}.{int(glibc.group(2))}"
+            no_user_site = bool(env.get("PYTHONNOUSERSITE"))
+            return {"python": python, "libc": libc, "user_site": False if no_user_site else None}
+        finally:
+            with anyio.CancelScope(shield=True):
+                await container.delete(force=True)
 
     async def pull(self, ref: str, *, progress: Progress | None = None) -> None:
         """Pull ``ref`` onto the daemon; ImageBuildError with the daemon's message on failure."""
@@ -256,6 +386,34 @@ class _Lines:
 
     def tail_text(self) -> str:
         return "\n".join(self.tail) or "(no output)"
+
+
+async def _fetch(container: Any, path: str, stop: re.Pattern[str] | None = None) -> tuple[str, bytes] | None:
+    """(path with symbolic links followed, contents) of the file ``path`` in ``container``, or None.
+
+    Stops at a path whose name matches ``stop``, without fetching it (its contents are then b"").
+    """
+    import aiodocker
+
+    for _ in range(10):  # more links than this: a loop
+        if stop is not None and stop.search(path):
+            return path, b""
+        try:
+            tar = await container.get_archive(path)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        with tar:
+            member = tar.next()
+            if member is None:
+                return None
+            if member.issym():
+                path = posixpath.normpath(posixpath.join(posixpath.dirname(path), member.linkname))
+                continue
+            fh = tar.extractfile(member) if member.isfile() else None
+            return (path, fh.read()) if fh is not None else None
+    return None
 
 
 def _tar_context(context: Path) -> str:

@@ -14,6 +14,7 @@ import attrs
 
 from stepflow.errors import ConfigError
 from stepflow.interfaces.flavor import option
+from stepflow.remote import JobConfig, JobSettings, Resources
 from stepflow_sagemaker import instances
 
 #: Values SageMaker accepts (CreateTrainingJob's service model).
@@ -94,37 +95,34 @@ def _check_job_limits(obj: Any) -> None:
             raise ValueError(f"tag {key!r}: values are at most 256 characters")
 
 
-@attrs.frozen
-class SageMakerOperatorConfig:
-    """Options of the sagemaker step operator."""
+@attrs.frozen(kw_only=True)
+class SageMakerOperatorConfig(JobConfig):
+    """Options of the sagemaker step operator (plus those of every remote operator)."""
 
     role: str = option(doc="IAM role the training jobs run as: its ARN (arn:aws:iam::ACCOUNT:role/NAME) or its "
                            "name (expanded with the caller's account). It needs the SageMaker trust policy and "
-                           "access to the S3 bucket, the ECR repository and CloudWatch Logs.")
+                           "access to the S3 bucket, the ECR repository and CloudWatch Logs; jobs reach the "
+                           "artifact store with it.")
     region: str | None = option(None, doc="AWS region of the jobs (default: the AWS config: AWS_REGION, "
                                           "AWS_DEFAULT_REGION or the profile's region).")
     instance_type: str | None = option(None, doc="Training instance type, e.g. ml.m5.large (default: picked from "
-                                                 "cpu/gpu/memory when given, else ml.m5.large).")
+                                                 "the step's resources, else ml.m5.large).")
     instance_count: int = option(1, doc="Instances per job.")
-    volume_size_gb: int = option(30, doc="Size of each instance's ML storage volume, GB.")
+    volume_size_gb: int = option(30, doc="Size of each instance's ML storage volume, GB (at least the step's "
+                                         "resources disk).")
     max_runtime_s: int = option(86400, doc="StoppingCondition.MaxRuntimeInSeconds: SageMaker stops a job "
                                            "running longer (reported as a failure).")
     use_spot: bool = option(False, doc="Managed spot training (cheaper, may wait for capacity).")
     max_wait_s: int | None = option(None, doc="Spot only: MaxWaitTimeInSeconds, the wait for capacity plus the "
                                               "training time (default: max_runtime_s).")
-    environment: dict[str, str] = option({}, doc="Extra environment variables for every job (values at most "
-                                                 "512 characters, SageMaker's limit).")
-    tags: dict[str, str] = option({}, doc="Tags put on every training job (stepflow adds stepflow:run, "
-                                          "stepflow:step, stepflow:attempt).")
+    tags: dict[str, str] = option({}, doc="Tags put on every training job (stepflow adds stepflow.run, "
+                                          "stepflow.step, stepflow.attempt).")
     subnets: list[str] = option([], doc="VPC subnet ids to run the jobs in (needs security_group_ids).")
     security_group_ids: list[str] = option([], doc="VPC security group ids (with subnets).")
     keep_alive_s: int = option(0, doc="Warm pool: seconds SageMaker keeps the instances after a job for the "
                                       "next one with the same configuration (0: off, at most 21600).")
-    experiment_name: str | None = option(None, doc="Groups the jobs: tagged stepflow:experiment and used as the "
-                                                   "S3 output prefix (SageMaker Experiments would need the "
-                                                   "experiment created beforehand).")
-    base_image: str | None = option(None, doc="Image the step images are built FROM (Python must match the "
-                                              "runner's minor version; default stepflow-base:py3.11).")
+    experiment_name: str | None = option(None, doc="Groups the jobs: tagged stepflow.experiment and used as the "
+                                                   "S3 output prefix.")
     bucket_name: str | None = option(None, doc="S3 bucket for SageMaker's job output (OutputDataConfig; default: "
                                                "the artifact store's bucket).")
     endpoint_url: str | None = option(None, doc="SageMaker API address, for tests and private (VPC) endpoints "
@@ -133,15 +131,10 @@ class SageMakerOperatorConfig:
     profile: str | None = option(None, doc="Named profile of ~/.aws/config and ~/.aws/credentials (default: "
                                            "AWS_PROFILE, else the credential chain: environment, profile, "
                                            "container or instance role).")
-    cpu: float | None = option(None, doc="Generic request: vCPUs per instance; picks the cheapest matching "
-                                         "instance type when instance_type is not set.")
-    gpu: int | None = option(None, doc="Generic request: GPUs per instance.")
-    memory: str | None = option(None, doc="Generic request: memory per instance, e.g. 16g or 512m (GiB when "
-                                          "no unit).")
-    max_concurrency: int | None = option(None, doc="Most training jobs of this operator running at once.")
-    project_root: str | None = option(None, doc="Directory of project code copied into the image (default: the "
-                                                "current directory).")
-    requirements: list[str] = option([], doc="Extra host-installed distributions to ship in the image.")
+    cpu: float | None = option(None, doc="Default vCPUs per instance for steps without resources=; picks the "
+                                         "cheapest matching instance type when instance_type is not set.")
+    gpu: int | None = option(None, doc="Default GPUs per instance for steps without resources=.")
+    memory: str | None = option(None, doc="Default memory per instance for steps without resources=, e.g. 16g.")
 
     def __attrs_post_init__(self) -> None:
         role = self.role
@@ -174,8 +167,8 @@ class SageMakerOperatorConfig:
         _check_resources(self, "")
 
 
-@attrs.frozen
-class SageMakerStepSettings:
+@attrs.frozen(kw_only=True)
+class SageMakerStepSettings(JobSettings):
     """Per-step settings: ``@step(settings={"sagemaker": {...}})``; unset ones keep the operator's."""
 
     instance_type: str | None = option(None, doc="Instance type for this step.")
@@ -184,27 +177,20 @@ class SageMakerStepSettings:
     max_runtime_s: int | None = option(None, doc="MaxRuntimeInSeconds for this step.")
     use_spot: bool | None = option(None, doc="Managed spot training for this step.")
     max_wait_s: int | None = option(None, doc="MaxWaitTimeInSeconds (spot) for this step.")
-    environment: dict[str, str] = option({}, doc="Extra environment variables for this step.")
     tags: dict[str, str] = option({}, doc="Extra tags for this step's job.")
     keep_alive_s: int | None = option(None, doc="Warm pool keep-alive for this step, seconds.")
-    cpu: float | None = option(None, doc="vCPUs this step needs (picks the instance type).")
-    gpu: int | None = option(None, doc="GPUs this step needs (picks the instance type).")
-    memory: str | None = option(None, doc="Memory this step needs, e.g. 32g (picks the instance type).")
-    base_image: str | None = option(None, doc="Base image for this step's image.")
-    requirements: list[str] = option([], doc="Extra distributions for this step's image.")
+    cpu: float | None = option(None, doc="vCPUs this step needs (prefer @step(resources=...)).")
+    gpu: int | None = option(None, doc="GPUs this step needs (prefer @step(resources=...)).")
+    memory: str | None = option(None, doc="Memory this step needs, e.g. 32g (prefer @step(resources=...)).")
 
     def __attrs_post_init__(self) -> None:
         _check_job_limits(self)
         _check_resources(self, "")
 
 
-#: Settings that override the operator's option of the same name when set.
-OVERRIDES = ("instance_count", "volume_size_gb", "max_runtime_s", "use_spot", "max_wait_s", "keep_alive_s")
-
-
 @attrs.frozen
 class JobOptions:
-    """The operator's config merged with one step's settings: what one training job uses."""
+    """What one training job uses: the merged options, with the instance type decided."""
 
     instance_type: str
     instance_count: int
@@ -216,41 +202,43 @@ class JobOptions:
     tags: dict[str, str]
 
 
-def job_options(config: SageMakerOperatorConfig, settings: SageMakerStepSettings) -> JobOptions:
-    """Merge config and settings; raise ConfigError when the result is inconsistent.
+def job_options(config: SageMakerOperatorConfig, merged: SageMakerOperatorConfig,
+                resources: Resources | None = None) -> JobOptions:
+    """Decide one job's instance type and limits; ConfigError when they cannot work.
 
-    The instance type: the step's ``instance_type``; else, when the step asks for cpu/gpu/memory,
-    the cheapest type meeting the step's request (merged over the operator's); else the
-    operator's ``instance_type``, or its generic request, or ml.m5.large.
+    The instance type: one the step set in its settings; else the cheapest type meeting the
+    step's resources (``@step(resources=...)``, or cpu/gpu/memory settings); else the
+    operator's ``instance_type``, or its cpu/gpu/memory, or ml.m5.large. An explicit type that
+    cannot meet the step's resources is refused, naming one that can.
     """
-    merged: dict[str, Any] = {k: getattr(config, k) for k in OVERRIDES}
-    merged.update({k: getattr(settings, k) for k in OVERRIDES if getattr(settings, k) is not None})
-    step_asks = settings.cpu is not None or settings.gpu is not None or settings.memory is not None
-    if settings.instance_type:
-        itype = settings.instance_type
-        cpu, gpu, memory = settings.cpu, settings.gpu, settings.memory
-    elif step_asks:
-        itype = None
-        cpu = settings.cpu if settings.cpu is not None else config.cpu
-        gpu = settings.gpu if settings.gpu is not None else config.gpu
-        memory = settings.memory if settings.memory is not None else config.memory
+    step_type = merged.instance_type if merged.instance_type != config.instance_type else None
+    step_asks = (merged.cpu, merged.gpu, merged.memory) != (config.cpu, config.gpu, config.memory)
+    gpu_type = None
+    if resources is not None and not resources.is_empty():
+        cpu, gpu, gpu_type = resources.cpu, resources.gpu, resources.gpu_type
+        memory: str | None = f"{resources.memory_mib / 1024:g}g" if resources.memory_mib else None
+        itype = step_type
+    elif step_type or step_asks:
+        itype, cpu, gpu, memory = step_type, merged.cpu, merged.gpu, merged.memory
     else:
         itype, cpu, gpu, memory = config.instance_type, config.cpu, config.gpu, config.memory
-    instance_type = instances.resolve_instance_type(itype, cpu, gpu, memory)
-    if merged["use_spot"] and merged["keep_alive_s"]:
+    instance_type = instances.resolve_instance_type(itype, cpu, gpu, memory, gpu_type)
+    volume = merged.volume_size_gb
+    if resources is not None and resources.disk_gib:
+        volume = max(volume, int(-(-resources.disk_gib // 1)))
+    if merged.use_spot and merged.keep_alive_s:
         raise ConfigError("keep_alive_s (warm pools) cannot be combined with use_spot")
-    wait = merged["max_wait_s"]
-    if merged["use_spot"]:
-        wait = wait if wait is not None else merged["max_runtime_s"]
-        if wait < merged["max_runtime_s"]:
-            raise ConfigError(f"max_wait_s={wait} must be at least max_runtime_s={merged['max_runtime_s']}")
+    wait = merged.max_wait_s
+    if merged.use_spot:
+        wait = wait if wait is not None else merged.max_runtime_s
+        if wait < merged.max_runtime_s:
+            raise ConfigError(f"max_wait_s={wait} must be at least max_runtime_s={merged.max_runtime_s}")
     else:
         wait = None
-    tags = {**config.tags, **settings.tags}
-    if len(tags) > MAX_TAGS - 4:
-        raise ConfigError(f"{len(tags)} tags: SageMaker allows {MAX_TAGS} per job and stepflow adds up to 4")
-    return JobOptions(instance_type, merged["instance_count"], merged["volume_size_gb"], merged["max_runtime_s"],
-                      bool(merged["use_spot"]), wait, merged["keep_alive_s"], tags)
+    if len(merged.tags) > MAX_TAGS - 4:
+        raise ConfigError(f"{len(merged.tags)} tags: SageMaker allows {MAX_TAGS} per job and stepflow adds up to 4")
+    return JobOptions(instance_type, merged.instance_count, volume, merged.max_runtime_s, bool(merged.use_spot),
+                      wait, merged.keep_alive_s, dict(merged.tags))
 
 
 @attrs.frozen

@@ -15,8 +15,8 @@ from typing import Any
 
 import anyio
 
-from stepflow.errors import BackendError
-from stepflow.interfaces.container_registry import ContainerRegistry, RegistryError
+from stepflow.errors import BackendError, RegistryError
+from stepflow.remote import DistributionRegistry
 from stepflow_sagemaker.aws import Aws, brief, error_code
 from stepflow_sagemaker.config import ECR_HOST, ecr_region
 
@@ -25,7 +25,7 @@ TOKEN_MARGIN_S = 300.0
 ATTEMPTS = 6
 
 
-class EcrContainerRegistry(ContainerRegistry):
+class EcrContainerRegistry(DistributionRegistry):
     """An ECR registry at ``ACCOUNT.dkr.ecr.REGION.amazonaws.com[/prefix]`` (any host for tests)."""
 
     flavor = "ecr"
@@ -60,7 +60,7 @@ class EcrContainerRegistry(ContainerRegistry):
 
     async def _call(self, method: str, **params: Any) -> dict[str, Any]:
         return await self.aws.call("ecr", method, endpoint_url=self.config.endpoint_url, attempts=ATTEMPTS,
-                                   **params)
+                                   **params)  # a login, not a submission: retried here
 
     # ---------------------------------------------------------------- ContainerRegistry
     async def credentials(self) -> tuple[str, str] | None:
@@ -94,6 +94,12 @@ class EcrContainerRegistry(ContainerRegistry):
         await self.credentials()
         await self.ensure_repository(repository)
         return await super().has_image(repository, tag)
+
+    async def check(self, repository: str, *, push: bool = True) -> None:
+        """Log in (GetAuthorizationToken), create the repository when missing, and check the token works."""
+        await self.credentials()
+        await self.ensure_repository(repository)
+        await super().check(repository, push=push)
 
     async def ensure_repository(self, repository: str) -> None:
         """Create the ECR repository of ``repository`` when missing (``create_repository``), once."""

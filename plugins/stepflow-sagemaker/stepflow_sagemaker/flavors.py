@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from stepflow.interfaces.flavor import Flavor
+from stepflow.remote import JobBackendFlavor
 from stepflow_sagemaker.config import (
     EcrRegistryConfig,
     SageMakerOperatorConfig,
@@ -15,16 +16,13 @@ from stepflow_sagemaker.config import (
 )
 
 
-class SageMakerOperatorFlavor(Flavor):
+class SageMakerOperatorFlavor(JobBackendFlavor):
     """Runs each step attempt as an AWS SageMaker training job."""
 
-    kind = "step_operator"
     name = "sagemaker"
     description = ("Run steps as AWS SageMaker training jobs (image built and pushed once per content hash; "
                    "needs a container registry and a remote artifact store).")
-    implementation = "stepflow_sagemaker.operator:SageMakerStepOperator"
-    requires_container_registry = True
-    requires_remote_artifact_store = True
+    implementation = "stepflow_sagemaker.operator:SageMakerBackend"
     config_class = SageMakerOperatorConfig
     settings_class = SageMakerStepSettings
 

@@ -135,7 +135,7 @@ def check_instance_type(name: str) -> InstanceType | None:
         return found
     if _NAME.match(name) and name in _botocore_types():
         return None
-    close = difflib.get_close_matches(name, [*INSTANCE_TYPES, *_botocore_types()], n=3, cutoff=0.75)
+    close = difflib.get_close_matches(name, sorted({*INSTANCE_TYPES, *_botocore_types()}), n=3, cutoff=0.75)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     raise ConfigError(f"unknown SageMaker instance type {name!r}: {hint}valid training types include "
                       f"{', '.join(EXAMPLES)} (all start with 'ml.'; see "
@@ -197,7 +197,7 @@ def describe_request(cpu: float | None, gpu: int | None, memory_gib: float | Non
 
 
 def pick_instance(cpu: float | None = None, gpu: int | None = None,
-                  memory: str | float | int | None = None) -> InstanceType:
+                  memory: str | float | int | None = None, gpu_type: str | None = None) -> InstanceType:
     """The cheapest automatically pickable type with at least ``cpu`` vCPUs, ``gpu`` GPUs and ``memory``.
 
     A CPU-only request never gets a GPU type (ties on price go to fewer GPUs, then fewer
@@ -208,9 +208,15 @@ def pick_instance(cpu: float | None = None, gpu: int | None = None,
         raise ConfigError(f"cpu={cpu:g}: a CPU request must be positive")
     if gpu is not None and gpu < 0:
         raise ConfigError(f"gpu={gpu}: a GPU request cannot be negative")
-    wanted_gpu = gpu if gpu else None
+    wanted_gpu = gpu if gpu else (1 if gpu_type else None)
     candidates = [t for t in _TABLE if t.auto and satisfies(t, cpu, wanted_gpu, memory_gib)
                   and (wanted_gpu is not None or t.gpus == 0)]
+    if gpu_type:
+        kinds = sorted({t.accelerator for t in _TABLE if t.gpus})
+        candidates = [t for t in candidates if t.accelerator.lower() == gpu_type.lower()]
+        if not candidates:
+            raise ConfigError(f"no SageMaker training instance type offers {describe_request(cpu, gpu, memory_gib)} "
+                              f"with {gpu_type} GPUs; GPU types: {', '.join(kinds)}")
     if not candidates:
         pool = [t for t in _TABLE if t.auto and (t.gpus > 0) == bool(wanted_gpu)]
         biggest = sorted(pool, key=lambda t: (t.gpus, t.vcpu, t.memory_gib), reverse=True)[:3]
@@ -222,23 +228,24 @@ def pick_instance(cpu: float | None = None, gpu: int | None = None,
 
 
 def resolve_instance_type(instance_type: str | None, cpu: float | None, gpu: int | None,
-                          memory: str | float | int | None) -> str:
+                          memory: str | float | int | None, gpu_type: str | None = None) -> str:
     """The instance type of a job.
 
     An explicit ``instance_type`` (checked against any request), else the cheapest type
     satisfying the generic request, else :data:`DEFAULT_INSTANCE_TYPE`.
     """
-    requested = cpu is not None or bool(gpu) or memory not in (None, "")
+    requested = cpu is not None or bool(gpu) or memory not in (None, "") or bool(gpu_type)
     if instance_type:
         known = check_instance_type(instance_type)
         memory_gib = parse_memory(memory)
-        if requested and known is not None and not satisfies(known, cpu, gpu or None, memory_gib):
-            better = pick_instance(cpu, gpu, memory)
+        wrong_gpu = bool(gpu_type) and known is not None and known.accelerator.lower() != str(gpu_type).lower()
+        if requested and known is not None and (not satisfies(known, cpu, gpu or None, memory_gib) or wrong_gpu):
+            better = pick_instance(cpu, gpu, memory, gpu_type)
             raise ConfigError(
                 f"instance_type {known.describe()} does not satisfy the requested "
                 f"{describe_request(cpu, gpu, memory_gib)}: use e.g. {better.describe()}, or drop "
                 "instance_type to let stepflow pick")
         return instance_type
     if requested:
-        return pick_instance(cpu, gpu, memory).name
+        return pick_instance(cpu, gpu, memory, gpu_type).name
     return DEFAULT_INSTANCE_TYPE

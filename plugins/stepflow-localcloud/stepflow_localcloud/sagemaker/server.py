@@ -2,7 +2,8 @@
 
 ``POST /`` with ``X-Amz-Target: SageMaker.<Operation>`` and a JSON body, exactly what botocore
 and aiobotocore send to ``endpoint_url``; answers are JSON with epoch-second timestamps, errors
-HTTP 400 ``{"__type": ..., "message": ...}``. Test hooks live under ``/_fake/``.
+HTTP 400 ``{"__type": ..., "message": ...}``. Test hooks live under ``/_fake/``. The jobs' role
+credentials are served by a second listener on 127.0.0.1 (see :mod:`.credentials`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import aiodocker
 import aiohttp
 from aiohttp import web
 
+from .credentials import TEST_KEY, TEST_SECRET, CredentialsEndpoint, RoleCredentials
 from .cwlogs import LOG_GROUP
 from .jobs import INSTANCE_LABEL, DockerExecutor, TrainingJob, new_instance_id
 from .validation import STATUSES, ApiError, validate_create, validate_name, validation_error
@@ -33,7 +35,6 @@ log = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
 DEFAULT_ACCOUNT = "123456789012"  # moto's default account
-TEST_KEY = TEST_SECRET = "testing"
 SORT_KEYS: dict[str, Callable[[TrainingJob], Any]] = {
     "Name": lambda j: j.name, "CreationTime": lambda j: j.created, "Status": lambda j: j.status}
 
@@ -52,13 +53,17 @@ class LocalSageMaker:
                  error_rate: float = 0.0, seed: int | None = None, network: str = "host",
                  docker_url: str | None = None, aws_endpoint: str | None = None,
                  container_env: Mapping[str, str] | None = None, stop_grace: float = 2.0,
-                 phase_delay: float = 0.0) -> None:
+                 phase_delay: float = 0.0, role_credentials: RoleCredentials | None = None,
+                 credentials_port: int = 0) -> None:
         """Configure the server; nothing starts before ``start()`` / ``async with``.
 
         ``aws_endpoint`` (default: ``logs_endpoint``) is what containers get as
-        ``AWS_ENDPOINT_URL``, with test credentials; ``container_env`` adds to or overrides
-        that environment. ``stop_grace`` is the SIGTERM-to-SIGKILL time of a stopped job;
-        ``phase_delay`` holds Starting and Uploading that long so pollers can see them.
+        ``AWS_ENDPOINT_URL``; ``container_env`` adds to or overrides that environment. Containers
+        get no keys in their environment: as on SageMaker, their SDKs fetch the job role's
+        credentials from the container credentials endpoint, which serves ``role_credentials``
+        (default: this process's ``AWS_*`` keys, else moto's test keys) on 127.0.0.1 at
+        ``credentials_port`` (0: a free port). ``stop_grace`` is the SIGTERM-to-SIGKILL time of
+        a stopped job; ``phase_delay`` holds Starting and Uploading that long so pollers can see them.
         """
         self.host, self.port = host, port
         self.logs_endpoint = logs_endpoint
@@ -68,9 +73,12 @@ class LocalSageMaker:
         self.throttle_rate, self.error_rate = throttle_rate, error_rate
         self._initial_faults = (throttle_rate, error_rate, seed)
         self._rng = random.Random(seed)
+        self.credentials = CredentialsEndpoint(role_credentials or RoleCredentials.from_environment(),
+                                               port=credentials_port)
         endpoint = aws_endpoint or logs_endpoint
-        env = {"AWS_ACCESS_KEY_ID": TEST_KEY, "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
-               "AWS_EC2_METADATA_DISABLED": "true"}
+        # No keys: the SDKs find the role through the credentials endpoint. EC2 metadata is off so a
+        # container whose SDK cannot use that endpoint fails at once instead of probing for an instance role.
+        env = {"AWS_EC2_METADATA_DISABLED": "true"}
         if endpoint:
             env["AWS_ENDPOINT_URL"] = endpoint
         env.update(container_env or {})
@@ -111,6 +119,11 @@ class LocalSageMaker:
         try:
             docker = await self._stack.enter_async_context(_docker(self.docker_url))
             await docker.version()  # fail now, not at the first job, when there is no daemon
+            await self.credentials.start()
+            self._stack.push_async_callback(self.credentials.close)  # after the jobs: close() stops them first
+            if self.network != "host":
+                log.warning("job containers on network %r cannot reach the credentials endpoint on %s: "
+                            "their AWS SDKs will find no credentials", self.network, self.credentials.url)
             if self.logs_endpoint:
                 from aiobotocore.config import AioConfig
                 from aiobotocore.session import get_session
@@ -122,7 +135,7 @@ class LocalSageMaker:
             self._executor = DockerExecutor(
                 docker=docker, instance_id=self.instance_id, region=self.region, network=self.network,
                 container_env=self.container_env, stop_grace=self.stop_grace, phase_delay=self.phase_delay,
-                logs_client=self._logs, ensure_log_group=self._ensure_log_group)
+                logs_client=self._logs, ensure_log_group=self._ensure_log_group, credentials=self.credentials)
             app = web.Application(client_max_size=16 * 1024 * 1024)
             app.router.add_post("/", self._handle)
             app.router.add_get("/", self._hello)
@@ -172,11 +185,14 @@ class LocalSageMaker:
         """Counters and the current fault config.
 
         ``calls``: requests per operation (faulted ones included); ``created``: successful
-        creates per job name; ``throttled`` / ``errors``: injected faults.
+        creates per job name; ``throttled`` / ``errors``: injected faults; ``credentials``: open
+        job URLs and requests served / refused by the credentials endpoint.
         """
+        creds = self.credentials
         return {"calls": dict(self._calls), "created": dict(self._created), "throttled": self._throttled,
                 "errors": self._errors, "throttle_rate": self.throttle_rate, "error_rate": self.error_rate,
-                "jobs": len(self.jobs), "active": sum(not j.terminal for j in self.jobs.values())}
+                "jobs": len(self.jobs), "active": sum(not j.terminal for j in self.jobs.values()),
+                "credentials": {"open": creds.active, "served": creds.served, "refused": creds.refused}}
 
     def configure(self, *, throttle_rate: float | None = None, error_rate: float | None = None,
                   seed: int | None = None) -> None:

@@ -1,4 +1,4 @@
-"""``python -m stepflow_sagemaker.local_backend``: serve the local SageMaker backend until signalled."""
+"""``python -m stepflow_localcloud.sagemaker``: serve the local SageMaker control plane until signalled."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from .credentials import RoleCredentials
 from .server import LocalSageMaker
 
 
@@ -27,7 +28,7 @@ def _rate(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
-    p = argparse.ArgumentParser(prog="python -m stepflow_sagemaker.local_backend",
+    p = argparse.ArgumentParser(prog="python -m stepflow_localcloud.sagemaker",
                                 description="A local SageMaker training-job service running jobs on Docker.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on start)")
@@ -47,8 +48,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds spent in Starting and Uploading, so pollers see them")
     p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for every job container (repeatable)")
+    creds = p.add_argument_group(
+        "job role credentials",
+        "Served to every job's container as its execution role's, through AWS_CONTAINER_CREDENTIALS_FULL_URI. "
+        "Default: this process's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, else "
+        "moto's test keys.")
+    creds.add_argument("--role-access-key-id", default=None)
+    creds.add_argument("--role-secret-access-key", default=None)
+    creds.add_argument("--role-session-token", default=None)
+    creds.add_argument("--credentials-port", type=int, default=0,
+                       help="port of the credentials endpoint on 127.0.0.1 (0 picks a free one)")
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.role_access_key_id is None) != (args.role_secret_access_key is None):
+        p.error("--role-access-key-id and --role-secret-access-key go together")
+    if args.role_session_token is not None and args.role_access_key_id is None:
+        p.error("--role-session-token needs --role-access-key-id and --role-secret-access-key")
+    return args
+
+
+def role_credentials(args: argparse.Namespace) -> RoleCredentials:
+    """The credentials the options name, else the ones of this process's environment."""
+    if args.role_access_key_id is None:
+        return RoleCredentials.from_environment()
+    return RoleCredentials(args.role_access_key_id, args.role_secret_access_key, args.role_session_token)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -61,8 +84,11 @@ async def serve(args: argparse.Namespace) -> None:
                               aws_endpoint=args.aws_endpoint, region=args.region, account_id=args.account_id,
                               throttle_rate=args.throttle_rate, error_rate=args.error_rate, seed=args.seed,
                               network=args.network, docker_url=args.docker_url, stop_grace=args.stop_grace,
-                              phase_delay=args.phase_delay, container_env=dict(args.env)) as backend:
+                              phase_delay=args.phase_delay, container_env=dict(args.env),
+                              role_credentials=role_credentials(args),
+                              credentials_port=args.credentials_port) as backend:
         print(f"local SageMaker listening on {backend.url}", flush=True)
+        print(f"job role credentials served on {backend.credentials.url}", flush=True)
         await stop.wait()
         print("stopping jobs and removing their containers", flush=True)
 

@@ -28,6 +28,7 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
+from .credentials import CredentialsEndpoint
 from .cwlogs import LogShipper
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class DockerExecutor:
     phase_delay: float = 0.0
     logs_client: Any = None
     ensure_log_group: Callable[[bool], Awaitable[None]] | None = None
+    credentials: CredentialsEndpoint | None = None
     _pulls: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
 
     def start(self, job: TrainingJob) -> None:
@@ -205,6 +207,8 @@ class DockerExecutor:
             outcome = ("Failed", f"InternalServerError: {type(exc).__name__}: {exc}")
         with contextlib.suppress(BaseException):
             await asyncio.shield(self._finish(held.get("container"), held.get("shipper")))
+        if self.credentials is not None and "grant" in held:
+            self.credentials.revoke(held["grant"])  # the role's credentials outlive no job
         final, reason = outcome
         if final == "Failed":
             job.failure_reason = reason[:1024]  # the FailureReason limit
@@ -228,7 +232,10 @@ class DockerExecutor:
             await self._until_stop(job, self._ensure_image(image))
         except DockerError as exc:
             return "Failed", f"ClientError: Unable to pull the training image '{image}': {exc.message}"
-        container = held["container"] = await self._create(job, image)
+        role_env: dict[str, str] = {}
+        if self.credentials is not None:
+            held["grant"], role_env = self.credentials.issue(job.request["RoleArn"])
+        container = held["container"] = await self._create(job, image, role_env)
         job.log_stream = f"{job.name}/algo-1-{int(time.time())}"
         shipper = held["shipper"] = await self._shipper(job.log_stream)
         try:
@@ -316,11 +323,13 @@ class DockerExecutor:
             self._pulls[image] = pull
         await asyncio.shield(pull)
 
-    async def _create(self, job: TrainingJob, image: str) -> Any:
+    async def _create(self, job: TrainingJob, image: str, role_env: Mapping[str, str]) -> Any:
         algo = job.request["AlgorithmSpecification"]
+        # The credentials variables come last: the request's Environment cannot redirect them.
+        env = {**self.environment(job), **role_env}
         config: dict[str, Any] = {
             "Image": image,
-            "Env": [f"{k}={v}" for k, v in self.environment(job).items()],
+            "Env": [f"{k}={v}" for k, v in env.items()],
             "Labels": {JOB_LABEL: job.name, INSTANCE_LABEL: self.instance_id},
             "HostConfig": {"NetworkMode": self.network},
         }
@@ -379,7 +388,10 @@ class DockerExecutor:
             shipper.put(line.rstrip("\r"))
 
     def environment(self, job: TrainingJob) -> dict[str, str]:
-        """What the container sees: region, AWS access, SM_* basics, the request's Environment."""
+        """What the container sees: region, AWS endpoint, SM_* basics, the request's Environment.
+
+        Without the job role's credentials variables, which are issued per container (see ``_create``).
+        """
         req = job.request
         channels = sorted(c["ChannelName"] for c in req.get("InputDataConfig") or [])
         hps = dict(req.get("HyperParameters") or {})

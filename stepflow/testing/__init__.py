@@ -5,9 +5,14 @@
 - :func:`check_step_operator_flavor` (and the async :func:`acheck_step_operator_flavor`): a
   conformance suite a step-operator flavor's own tests call, e.g.
   ``check_step_operator_flavor("subprocess", {"kill_grace_s": 2}, settings={"nice": 1})``.
+- :class:`FakeJobBackend` (over a :class:`FakeJobService`): an in-process
+  :class:`~stepflow.remote.JobBackend` double that simulates :func:`job_command` jobs on the
+  event loop clock, with throttling, faults, lost answers and call counts (:class:`FakeStats`).
+- :func:`check_job_backend` (and the async :func:`acheck_job_backend`): the conformance suite a
+  JobBackend author runs against the real service, returning a :class:`JobBackendReport`.
 
-Importing this module is cheap: the client, the scheduler and anyio are imported only when a
-helper runs.
+Importing this package is cheap: the client, the scheduler, anyio and the remote path are
+imported only when a helper runs or one of the names above is first used.
 """
 
 from __future__ import annotations
@@ -29,15 +34,46 @@ from stepflow.interfaces.sink import EventSink
 if TYPE_CHECKING:
     from stepflow._bus.bus import EventBus
     from stepflow._engine.result import RunResult
+    from stepflow.testing._fake_backend import FakeJobBackend, FakeJobService, FakeStats, job_command
+    from stepflow.testing._job_backend_check import JobBackendReport, acheck_job_backend, check_job_backend
 
 __all__ = [
     "ConformanceReport",
     "EventCapture",
+    "FakeJobBackend",
+    "FakeJobService",
+    "FakeStats",
+    "JobBackendReport",
+    "acheck_job_backend",
     "acheck_step_operator_flavor",
     "capture_events",
+    "check_job_backend",
     "check_step_operator_flavor",
+    "job_command",
     "temporary_home",
 ]
+
+# The JobBackend helpers import the remote path: loaded on first use, so this package stays light.
+_LAZY = {
+    "FakeJobBackend": "_fake_backend",
+    "FakeJobService": "_fake_backend",
+    "FakeStats": "_fake_backend",
+    "job_command": "_fake_backend",
+    "JobBackendReport": "_job_backend_check",
+    "acheck_job_backend": "_job_backend_check",
+    "check_job_backend": "_job_backend_check",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stepflow.testing' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"stepflow.testing.{module}"), name)
+    globals()[name] = value
+    return value
 
 E = TypeVar("E", bound=Event)
 

@@ -1,0 +1,8 @@
+"""stepflow-localcloud: cloud control planes that run on this machine, for tests and examples.
+
+Each subpackage speaks one managed ML service's real wire protocol and runs the jobs it is given
+as containers on the local Docker daemon:
+
+- :mod:`stepflow_localcloud.sagemaker`: AWS SageMaker training jobs
+  (``python -m stepflow_localcloud.sagemaker``).
+"""
