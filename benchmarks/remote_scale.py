@@ -156,6 +156,7 @@ class Fleet:
                 "step_errors": dict(errors.most_common(3)), "poll_rounds": self.tracker.stats.poll_rounds,
                 "failed_rounds": self.tracker.stats.failed_rounds, "log_rounds": self.tracker.stats.log_rounds,
                 "poll_calls": stats.poll_calls, "ids_polled": stats.ids_polled, "log_calls": stats.log_calls,
+                "log_ids": stats.log_ids,
                 "submit_calls": stats.submit_calls, "jobs_created": stats.jobs_created,
                 "created_twice": len(stats.created_twice()), "throttled": stats.throttled, "faults": stats.faults,
                 "lost_answers": stats.lost_answers, "log_lines": self.lines}
@@ -304,7 +305,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def profile_scale(jobs: int, batch: bool, throttle: float, duration: tuple[float, float], seed: int) -> str:
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.process_time)  # CPU, not the loop's idle waits
     prof.enable()
     asyncio.run(scale(jobs, batch, throttle, duration, seed))
     prof.disable()
@@ -320,7 +321,8 @@ def profile_scale(jobs: int, batch: bool, throttle: float, duration: tuple[float
                if filename.startswith("<attrs generated") else "other")
         by_file[key] += tottime
     total = sum(by_file.values())
-    buf.write(f"cProfile of the scale run ({jobs} jobs), own time by where it is spent ({total:.2f} s profiled):\n")
+    buf.write(f"cProfile (CPU time) of the scale run ({jobs:,} jobs), own time by where it is spent ({total:.2f} "
+              "CPU-s under the profiler):\n")
     for key, seconds in by_file.most_common():
         buf.write(f"  {seconds:7.2f} s  {seconds / total:5.1%}  {key}\n")
     buf.write("\ntop functions by own time:\n")
@@ -360,7 +362,7 @@ def main() -> None:
         row(f"{a.jobs:,} concurrent jobs ({tag}): CPU per 100 jobs", s["cpu_per_100_jobs_s"], BUDGET_CPU_PER_100, "s",
             f"{s['cpu_s']:.2f} CPU-s, wall {s['wall_s']:.1f} s for jobs of {duration[0]:g}-{duration[1]:g} s, "
             f"{s['succeeded']}/{a.jobs} succeeded, {s['poll_calls']} status calls in {s['poll_rounds']} rounds, "
-            f"{s['log_calls']} log calls, peak RSS {peak_rss / 2**20:.0f} MiB",
+            f"{s['log_calls']} log calls ({s['log_ids']:,} job logs read), peak RSS {peak_rss / 2**20:.0f} MiB",
             ok=s["cpu_per_100_jobs_s"] <= BUDGET_CPU_PER_100 and s["succeeded"] == a.jobs),
         row(f"{a.jobs:,} concurrent jobs: wall time", s["wall_s"], None, "s",
             f"longest job {duration[1]:g} s; the rest is the last poll interval and the final log rounds",

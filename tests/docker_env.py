@@ -144,3 +144,41 @@ async def builder() -> AsyncIterator[Any]:
     b = DockerImageBuilder(name="docker")
     yield b
     await b.aclose()
+
+
+# ------------------------------------------------------------------ projects and the CLI
+def write_project(root: Any, source: str, prefix: str = "pipes") -> str:
+    """Write ``source`` as a uniquely named module in the project folder ``root``; return the module name."""
+    import pathlib
+
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    module = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    (root / f"{module}.py").write_text(source)
+    return module
+
+
+def cli_environ(project: Any, base: dict[str, str], **extra: str) -> dict[str, str]:
+    """The environment of a `stepflow` subprocess run from ``project`` with this test's home."""
+    return {**base, "PYTHONPATH": os.pathsep.join([str(project), base.get("PYTHONPATH", "")]),
+            "STEPFLOW_HOME": os.environ["STEPFLOW_HOME"], **extra}
+
+
+def stepflow_cli(args: list[str], project: Any, env: dict[str, str], timeout: float = 300) -> Any:
+    """Run ``python -m stepflow ARGS`` in ``project``; the completed process."""
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "stepflow", *args], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def containers_created(run_id: str, since: str) -> list[str]:
+    """The step of every container the daemon created for ``run_id`` since ``since`` (epoch seconds)."""
+    import json
+    import time
+
+    out = subprocess.run(["docker", "events", "--since", since, "--until", str(int(time.time()) + 1),
+                          "--filter", "event=create", "--filter", f"label=stepflow.run={run_id}",
+                          "--format", "{{json .Actor.Attributes}}"], capture_output=True, text=True, timeout=60,
+                         check=True)
+    return [json.loads(line)["stepflow.step"] for line in out.stdout.splitlines() if line.strip()]

@@ -432,3 +432,22 @@ async def test_an_outage_of_logs_is_reported_once() -> None:
     got: dict[str, list[str]] = {}
     await asyncio.wait_for(follow_all(Tracker(backend), ids, got), 30)
     assert got[ids[0]] == ["[stepflow] cannot read the job's logs: TransientBackendError: HTTP 503"]
+
+
+async def test_the_tracker_stops_polling_jobs_it_gave_up_on() -> None:
+    backend = FakeJobBackend(**FAST)
+    ids = await submit_all(backend, [job_command(seconds=60) for _ in range(20)])
+    backend.fault_rate = 1.0
+    tracker = Tracker(backend, max_failures=3)
+    calls_at_error: list[int] = []
+
+    async def one(job_id: str) -> None:
+        watch = tracker.follow(job_id, lambda state: None)
+        with pytest.raises(BackendError):
+            await tracker.wait(watch)
+        calls_at_error.append(backend.stats.poll_calls)
+        await asyncio.sleep(0.5)  # the operator is stopping the job (its cancel may be retried for long)
+        tracker.forget(job_id)
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in ids)), 30)
+    assert backend.stats.poll_calls == max(calls_at_error) == 3, "no status call about jobs nobody waits for"

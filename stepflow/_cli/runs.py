@@ -54,7 +54,13 @@ def register_run_commands(cli: click.Group) -> None:
         for r in runs:
             table.add_row(r.run_id, r.pipeline, r.status, r.stack or "", _when(r.started_at),
                           _dur(r.started_at, r.finished_at), str(r.step_count))
-        make_console().print(table if runs else "no runs recorded yet (runs started with `stepflow run` are)")
+        console = make_console()
+        console.print(table if runs else "no runs recorded yet (runs started with `stepflow run` are)")
+        broken = [r.run_id for r in runs if r.interrupted]
+        if broken:
+            console.print(f"\n{len(broken)} interrupted run{'s' if len(broken) > 1 else ''} (the runner died): "
+                          f"`stepflow resume {broken[0]}` finishes it, `stepflow runs stop {broken[0]}` stops jobs "
+                          "it left running", markup=False, soft_wrap=True)
 
     @runs_group.command("show")
     @click.argument("run_id")
@@ -85,11 +91,38 @@ def register_run_commands(cli: click.Group) -> None:
             table.add_row(s.step, s.status, s.operator or "", str(s.attempts or ""),
                           _dur(s.started_at, s.finished_at), job.job_name if job else "")
         console.print(table)
+        left = [j for j in jobs.values() if j.status in ("submitting", "submitted", "pending", "running")]
+        if run.interrupted:
+            console.print(f"\nthe runner of this run died: `stepflow resume {run.run_id}` finishes it"
+                          + (f"; {len(left)} job(s) may still run on their backends: "
+                             + ", ".join(f"{j.job_name} ({j.operator})" for j in left)
+                             + f" (`stepflow runs stop {run.run_id}` stops them)" if left else ""), markup=False,
+                          soft_wrap=True)
         for s in steps:
             if s.status == "failed" and s.error:
                 console.print(f"\n[red]{s.step}[/]: {s.error.get('type')}: {s.error.get('message')}")
                 tail = str(s.error.get("traceback", "")).rstrip().splitlines()[-12:]
                 console.print("\n".join(tail), markup=False)
+
+    @runs_group.command("stop")
+    @click.argument("run_id")
+    def runs_stop(run_id: str) -> None:
+        """Stop the remote jobs an interrupted run left running, and mark the run cancelled.
+
+        For a run whose runner died (SIGKILL, a crash, a second Ctrl-C): each job it recorded and
+        that has not ended is stopped on its backend, through the step operators of the run's
+        stack. A run still running in a live process is refused: interrupt that process instead.
+        """
+        from stepflow._cli.progress import make_console
+
+        try:
+            stopped = anyio.run(_stop_jobs, run_id)
+        except StepflowError as exc:
+            fail(str(exc))
+        console = make_console()
+        for line in stopped:
+            console.print(line, markup=False)
+        console.print(f"run {run_id}: cancelled ({len(stopped)} job(s) handled)", markup=False)
 
     @cli.command("logs")
     @click.argument("run_id")
@@ -126,3 +159,40 @@ def register_run_commands(cli: click.Group) -> None:
             return prepare_resume(run_id, event_bus=bus)
 
         sys.exit(anyio.run(execute_with_display, prepare, None, progress, "lines", "resuming"))
+
+
+async def _stop_jobs(run_id: str) -> list[str]:
+    """Stop every unfinished job of ``run_id``; one line per job saying what happened."""
+    from stepflow._stack.client import Client
+
+    store = _runs()
+    run = store.get_run(run_id)
+    if run.status == "running":
+        raise StepflowError(f"run {run_id} is still running in process {run.pid} on {run.host}: interrupt it there "
+                            "(Ctrl-C cancels its jobs), or wait")
+    client = Client()
+    operators: dict[str, Any] = {}
+    lines: list[str] = []
+    try:
+        for job in store.jobs(run_id):
+            if job.status not in ("submitting", "submitted", "pending", "running"):
+                continue
+            op = operators.get(job.operator)
+            if op is None:
+                op = operators[job.operator] = client.instantiate("step_operator", job.operator)
+            backend = getattr(op, "backend", None)
+            if backend is None:
+                lines.append(f"{job.job_name}: operator '{job.operator}' cannot stop jobs by id; stop it yourself")
+                continue
+            job_id = job.job_id or await backend.find(job.job_name)
+            if not job_id:
+                lines.append(f"{job.job_name}: never reached the backend")
+            else:
+                await backend.cancel(job_id)
+                lines.append(f"{job.job_name}: stop requested on {job.operator}")
+            store.update_job(run_id, job.step, job.attempt, "stopped")
+    finally:
+        for op in operators.values():
+            await op.aclose()
+    store.finish_run(run_id, "cancelled")
+    return lines

@@ -272,9 +272,9 @@ def prepare_resume(run_id: str, *, event_bus: EventBus | None = None, **options:
     record = runs.get_run(run_id)
     if record.status == "succeeded":
         raise StepflowError(f"run {run_id} already succeeded; nothing to resume")
-    if record.status == "running" and record.host == socket.gethostname() and record.pid and _alive(record.pid) \
-            and record.pid != os.getpid():
-        raise StepflowError(f"run {run_id} is still running in process {record.pid}; stop it first or wait")
+    if record.status == "running" and record.pid != os.getpid():
+        where = f"process {record.pid}" + (f" on {record.host}" if record.host != socket.gethostname() else "")
+        raise StepflowError(f"run {run_id} is still running in {where}; stop it first (Ctrl-C there) or wait")
     if not record.target:
         raise StepflowError(f"run {run_id} was started from code stepflow cannot import again (a pipeline "
                             "defined in __main__ or in a function, or parameters that are not JSON); it "
@@ -298,15 +298,3 @@ def prepare_resume(run_id: str, *, event_bus: EventBus | None = None, **options:
     preloaded = load_outputs(runs, run_id, stored_value_key(derive), read_uri)
     return prepare_runner(pipeline, event_bus=event_bus, run_id=run_id, stack=record.stack, persist=True,
                           target=record.target, preloaded=preloaded, **options)
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -155,8 +155,10 @@ class Runner:
         self._done = asyncio.Event()
         self._limiter = anyio.CapacityLimiter(self._max_threads)
         await self._attach_operators()  # a stack that cannot work fails here, before the run is recorded
+        beat = None
         if self.run_store is not None:
             await self._open_run_store()
+            beat = loop.create_task(self._heartbeat())
         for sink in self._sinks:  # the stack's sinks see this run only
             self.bus.add_sink(sink)
         started = time.time()
@@ -184,6 +186,8 @@ class Runner:
                 with anyio.CancelScope(shield=True):
                     await asyncio.gather(*self._tasks, return_exceptions=True)
         result = self._result(started, time.time(), cancelled_from_outside)
+        if beat is not None:
+            beat.cancel()
         with anyio.CancelScope(shield=True):
             self._emit(RunFinished, result.status, result.duration, result.counts())
             await self.bus.flush()
@@ -269,6 +273,15 @@ class Runner:
         for name in self._preloaded:
             for c in self.pipeline.children[self.pipeline.by_name[name]]:
                 self._remaining[c] -= 1
+
+    async def _heartbeat(self) -> None:
+        """Tell other processes this run's runner lives (they show the run interrupted otherwise)."""
+        from stepflow._store.runs import HEARTBEAT_S
+
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(Exception):  # a busy store must not fail the run
+                await anyio.to_thread.run_sync(self.run_store.heartbeat, self.run_id)
 
     def derive_key(self, purpose: str) -> bytes:
         """A key for ``purpose``, derived from the home's master key (see stepflow._store.keys)."""

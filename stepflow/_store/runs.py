@@ -26,6 +26,39 @@ from stepflow.events import (
 )
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")
+#: A run whose runner (on another machine) has not written its heartbeat for this long is interrupted.
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 3 * HEARTBEAT_S
+
+
+def process_identity(pid: int | None = None) -> str:
+    """``host|pid|start`` of a process: its start time (from /proc) tells a reused pid apart."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}|{pid}|{_start_ticks(pid)}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def runner_alive(identity: str | None, heartbeat: float | None) -> bool:
+    """Whether the process that recorded a run is still there (same host), or still beating (another host)."""
+    host, _, rest = (identity or "").partition("|")
+    pid_text, _, ticks = rest.partition("|")
+    if host == socket.gethostname() and pid_text.isdigit():
+        pid = int(pid_text)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return not ticks or _start_ticks(pid) in ("", ticks)
+    return heartbeat is not None and time.time() - heartbeat < STALE_AFTER_S
 
 
 @attrs.frozen
@@ -43,6 +76,8 @@ class RunRecord:
     pid: int | None
     host: str | None
     step_count: int
+    #: True when the run is recorded as running but its runner is gone (SIGKILL, a crash, a double Ctrl-C).
+    interrupted: bool = False
 
 
 @attrs.frozen
@@ -91,10 +126,16 @@ class RunStore:
         with self.store.write() as db:
             db.execute(
                 "INSERT INTO runs (run_id, pipeline, target, params, stack, status, started_at, pid, host, "
-                "step_count) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
-                "status = 'running', finished_at = NULL, pid = excluded.pid, host = excluded.host",
+                "step_count, heartbeat, process) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(run_id) DO UPDATE SET status = 'running', finished_at = NULL, pid = excluded.pid, "
+                "host = excluded.host, heartbeat = excluded.heartbeat, process = excluded.process",
                 (run_id, pipeline, target, _json(params), stack, time.time(), os.getpid(),
-                 socket.gethostname(), step_count))
+                 socket.gethostname(), step_count, time.time(), process_identity()))
+
+    def heartbeat(self, run_id: str) -> None:
+        """The runner is alive (written every HEARTBEAT_S seconds while a run executes)."""
+        with self.store.write() as db:
+            db.execute("UPDATE runs SET heartbeat = ? WHERE run_id = ?", (time.time(), run_id))
 
     def finish_run(self, run_id: str, status: str) -> None:
         with self.store.write() as db:
@@ -234,8 +275,11 @@ def _step_update(ev: Event) -> tuple[str, tuple[Any, ...]] | None:
 
 
 def _run(r: Any) -> RunRecord:
-    return RunRecord(r["run_id"], r["pipeline"], r["target"], json.loads(r["params"]), r["stack"], r["status"],
-                     r["started_at"], r["finished_at"], r["pid"], r["host"], r["step_count"])
+    status = r["status"]
+    interrupted = status == "interrupted" or (status == "running" and not runner_alive(r["process"], r["heartbeat"]))
+    return RunRecord(r["run_id"], r["pipeline"], r["target"], json.loads(r["params"]), r["stack"],
+                     "interrupted" if interrupted else status, r["started_at"], r["finished_at"], r["pid"], r["host"],
+                     r["step_count"], interrupted)
 
 
 def _job(r: Any) -> JobRecord:

@@ -18,6 +18,7 @@ from stepflow.interfaces.operator import RunResources
 from stepflow.remote._backend import TERMINAL_PHASES, Job, JobBackend, JobState, Limits, LogBatch, Phase
 from stepflow.remote._config import JobConfig, JobSettings, merge
 from stepflow.remote._distribution import DistributionRegistry
+from stepflow.remote._failpoints import failpoint
 from stepflow.remote._flavor import JobBackendFlavor
 from stepflow.remote._naming import job_name, run_prefix
 from stepflow.remote._registry import RegistryAuth, RegistryClient
@@ -51,6 +52,7 @@ __all__ = [
     "RetryPolicy",
     "RunResources",
     "TransientBackendError",
+    "failpoint",
     "job_name",
     "merge",
     "run_prefix",

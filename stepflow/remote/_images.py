@@ -54,6 +54,7 @@ from stepflow.events import ImageBuildFinished, ImageBuildStarted, ImagePushed, 
 from stepflow.interfaces.container_registry import ContainerRegistry, RegistryError
 from stepflow.interfaces.image_builder import ImageBuilder
 from stepflow.remote._context import ContextListing, list_context
+from stepflow.remote._failpoints import failpoint
 
 __all__ = ["ImageManager", "ImageSpec", "ImageStats", "WheelTarget", "check_base", "normalize_platform"]
 
@@ -868,12 +869,14 @@ class ImageManager:
                 self._emit(ImageBuildStarted, image=ref, step=call.step)
                 t0 = time.perf_counter()
                 self.stats.builds += 1
+                failpoint("image.build")
                 extra = {"platform": prepared.platform} if _accepts_platform(self.builder.build) else {}
                 await self.builder.build(prepared.context, ref, progress=progress, **extra)
                 self._emit(ImageBuildFinished, image=ref, cached=False,
                            duration=time.perf_counter() - t0, step=call.step)
                 t1 = time.perf_counter()
                 self.stats.pushes += 1
+                failpoint("image.push")
                 await self.builder.push(ref, await _push_auth(self.registry), progress=progress)
                 self._emit(ImagePushed, image=ref, duration=time.perf_counter() - t1)
                 return ref

@@ -45,6 +45,7 @@ from stepflow.remote import _keys as keys
 from stepflow.remote import _tracker
 from stepflow.remote._backend import Job, JobBackend, JobState
 from stepflow.remote._config import merge
+from stepflow.remote._failpoints import failpoint
 from stepflow.remote._io import STORAGE_OPTIONS_ENV
 from stepflow.remote._naming import check_limits, clean_labels, job_name
 from stepflow.remote._retry import RetryPolicy
@@ -242,12 +243,15 @@ class JobOperator(StepOperator):
                 await anyio.to_thread.run_sync(run_store.record_job, invocation.run_id, invocation.step,
                                                invocation.attempt, self.name, job.name, "", attempt.payload_uri,
                                                attempt.spec_json(job))
+            failpoint("job.recorded")
         job_id = await self._submit(job)
+        failpoint("job.submitted")
         if run_store is not None:
             await anyio.to_thread.run_sync(run_store.set_job_id, invocation.run_id, invocation.step,
                                            invocation.attempt, job_id)
         invocation.emit(JobSubmitted, operator=self.name, job_id=job_id, attempt=invocation.attempt)
         state = await self._follow(job_id, invocation)
+        failpoint("job.finished")
         if run_store is not None:
             await anyio.to_thread.run_sync(run_store.update_job, invocation.run_id, invocation.step,
                                            invocation.attempt, state.phase)

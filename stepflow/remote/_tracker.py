@@ -117,12 +117,12 @@ class Tracker:
         backend = self.backend
         interval = backend.poll_interval
         failures = 0
-        while any(w.state is None or not w.state.terminal for w in self._watches.values()):
+        while any(_unsettled(w) for w in self._watches.values()):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_status.wait(), interval * random.uniform(0.9, 1.1))
             hurried = self._wake_status.is_set()
             self._wake_status.clear()
-            ids = [w.job_id for w in self._watches.values() if w.state is None or not w.state.terminal]
+            ids = [w.job_id for w in self._watches.values() if _unsettled(w)]
             if not ids:
                 continue
             backend = self.backend  # may have been handed over to another run's backend
@@ -212,6 +212,11 @@ class Tracker:
                 watch.final_rounds -= 1
                 if watch.final_rounds <= 0:
                     watch.done.set()
+
+
+def _unsettled(watch: _Watch) -> bool:
+    """Still worth a status call: not ended, and not already failed (a failed job's waiter is stopping it)."""
+    return not watch.done.is_set() and (watch.state is None or not watch.state.terminal)
 
 
 def _safely(callback: Callable[[Any], None], value: Any) -> None:

@@ -103,6 +103,8 @@ class FakeStats:
     ids_polled: int = 0
     cancel_calls: int = 0
     log_calls: int = 0
+    #: Job ids asked about in log calls (what a backend reading one log per job pays per id).
+    log_ids: int = 0
     find_calls: int = 0
     cleanup_calls: int = 0
     #: Calls answered with a throttling error, with a 5xx-like error, and submits whose answer was lost.
@@ -363,6 +365,7 @@ class FakeJobBackend(JobBackend):
     async def read_logs(self, cursors: Mapping[str, Any]) -> Mapping[str, LogBatch]:
         """Lines printed since each cursor (a count of lines already read); unknown ids are left out."""
         self.service.stats.log_calls += 1
+        self.service.stats.log_ids += len(cursors)
         await self._enter("read_logs")
         now = self._now()
         out: dict[str, LogBatch] = {}

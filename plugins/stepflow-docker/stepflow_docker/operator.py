@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from stepflow.errors import BackendError, TransientBackendError
-from stepflow.remote import Job, JobBackend, JobState, Limits, LogBatch, Resources, RunResources
+from stepflow.remote import Job, JobBackend, JobState, Limits, LogBatch, Resources, RunResources, failpoint
 from stepflow_docker._wire import SECRETS_PATH, capacity_problems, norm_stamp, parse_memory, secrets_tar, since_param
 
 NOBODY = "65534:65534"
@@ -104,6 +104,7 @@ class DockerBackend(JobBackend):
             container = await self._api(lambda d: d.containers.get(job.name))  # this attempt was submitted before
         if container._container.get("State", {}).get("Status", "created") != "created":
             return str(container.id)  # started already: never twice
+        failpoint("docker.created")
         user = str(body["User"]).split(":")[0]
         await self._api(lambda d: container.put_archive("/", secrets_tar(job.secrets, user)))
         try:
