@@ -9,6 +9,7 @@ backends read one object, whatever came from where.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,7 +52,11 @@ class JobSettings:
 
 
 def merge(config: Any, settings: Any) -> Any:
-    """``config`` with every non-empty field of ``settings`` that it also has laid over it."""
+    """``config`` with every non-empty field of ``settings`` that it also has laid over it.
+
+    The config class's own cross-field checks are not run again on the result: they judge what
+    was registered. A step's combination is judged by the backend's ``check`` before the run.
+    """
     if settings is None:
         return config
     names = {f.name for f in attrs.fields(type(config))}
@@ -66,4 +71,9 @@ def merge(config: Any, settings: Any) -> Any:
         elif isinstance(value, list) and isinstance(current, list):
             value = [*current, *(v for v in value if v not in current)]
         changes[field.name] = value
-    return attrs.evolve(config, **changes) if changes else config
+    if not changes:
+        return config
+    merged = copy.copy(config)
+    for name, value in changes.items():
+        object.__setattr__(merged, name, value)  # frozen: set once, on this private copy
+    return merged

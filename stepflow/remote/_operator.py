@@ -235,6 +235,8 @@ class JobOperator(StepOperator):
             job = attempt.job_from_record(recorded.spec, options, invocation)
             invocation.emit(LogLine, line=f"re-attaching to job {attempt.name}", stream="stepflow")
             self.stats.reattached += 1
+            if recorded.job_id:  # the backend accepted (and started) it: follow it, submit nothing
+                return await self._collect(attempt, job, recorded.job_id, invocation)
         else:
             image = await self.ensure_image(options, invocation.step)
             job = await attempt.prepare_job(image, options, invocation)
@@ -249,6 +251,11 @@ class JobOperator(StepOperator):
         if run_store is not None:
             await anyio.to_thread.run_sync(run_store.set_job_id, invocation.run_id, invocation.step,
                                            invocation.attempt, job_id)
+        return await self._collect(attempt, job, job_id, invocation)
+
+    async def _collect(self, attempt: _Attempt, job: Job, job_id: str, invocation: Invocation) -> Any:
+        """Follow a submitted job to its end and read its output."""
+        run_store = self.resources.run_store if self.resources is not None else None
         invocation.emit(JobSubmitted, operator=self.name, job_id=job_id, attempt=invocation.attempt)
         state = await self._follow(job_id, invocation)
         failpoint("job.finished")
