@@ -240,15 +240,19 @@ class WheelTarget:
             major, minor = self.libc_version
             return [f"musllinux_{major}_{n}_{m}" for n in range(minor, 0, -1)]
         tags = []
-        for n in range(self.libc_version[1], _OLDEST_GLIBC.get(m, 17) - 1, -1):
+        oldest = _OLDEST_GLIBC.get(m, 17)
+        for n in range(self.libc_version[1], oldest - 1, -1):
             tags.append(f"manylinux_2_{n}_{m}")
             legacy = _LEGACY_MANYLINUX.get(n)
             if legacy is not None and (n == 17 or m in _OLDEST_GLIBC):
                 tags.append(f"{legacy}_{m}")
+        if not tags or self.libc_version[0] != 2:
+            raise ImageBuildError(f"glibc {self.libc_version[0]}.{self.libc_version[1]} is not supported: "
+                                  f"manylinux wheels for {self.platform} need glibc 2.{oldest} or newer")
         return tags
 
     def pip_args(self) -> list[str]:
-        """``pip download``/``install`` options that select wheels for the target."""
+        """``pip download`` options that select wheels for the target."""
         args = []
         for tag in self.platform_tags():
             args += ["--platform", tag]
@@ -1069,14 +1073,13 @@ class ImageManager:
         tmp = self._tmp()
         host = host_platform()
         here = f"this {host} host" if host else "this host, which is not Linux"
-        elsewhere = (f"build the image on a {target.platform} host" if host is None or host != target.platform
+        elsewhere = (f"build the image on a {target.platform} host" if host != target.platform
                      else "make its source build here")
+        pin = f"{d.name}=={d.version}"
         try:
             if d.kind == "direct" and d.source.endswith(".whl") and Path(d.source).is_file():
                 await anyio.to_thread.run_sync(_copy_into, Path(d.source), tmp)
-                how = f"'{d.display}' was installed from the wheel {d.source}, which"
             elif d.kind == "index":
-                pin = f"{d.name}=={d.version}"
                 what = f"cannot get a wheel of '{pin}' for {target.describe()}"
                 advice = (f"Pin a version of {d.display} that publishes wheels for {target.platform} "
                           f"({target.platform_tags()[-1]} or newer up to {target.platform_tags()[0]}), "
@@ -1086,7 +1089,7 @@ class ImageManager:
                 if ok:
                     self.stats.wheels_downloaded += 1
                 else:
-                    if d.pure is False and host != target.platform:
+                    if d.pure is False and host != target.platform:  # building would be wasted
                         raise ImageBuildError(
                             f"{what}: the package index has none, and the copy installed here is not pure Python "
                             f"(a wheel built from its source on {here} would not run there). {advice}.\n"
@@ -1098,8 +1101,6 @@ class ImageManager:
                             f"building one from source on {here} failed. {advice}.\npip said:\n{_tail(log, 5)}\n"
                             f"---\n{_tail(log2, _PIP_TAIL)}")
                     self.stats.wheels_built += 1
-                how = (f"the package index has no wheel of '{pin}' for {target.platform}, and its source built "
-                       f"on {here} gives")
             else:
                 source = d.source if d.kind == "local" else f"{d.display} @ {d.source}"
                 ok, log = await self._pip(["wheel", "--no-deps", "--wheel-dir", str(tmp), source])
@@ -1108,18 +1109,12 @@ class ImageManager:
                         f"cannot build a wheel of '{d.display}' from {d.source} (pip wheel failed):\n"
                         f"{_tail(log, _PIP_TAIL)}")
                 self.stats.wheels_built += 1
-                how = f"'{d.display}' (installed from {d.source}) built on {here} gives"
             built = sorted(tmp.glob("*.whl"))
             if len(built) != 1:
                 raise ImageBuildError(f"expected one wheel of '{d.display}' in {tmp}, found "
                                       f"{[p.name for p in built] or 'none'}")
-            if not target.accepts(built[0].name):
-                # Checked before caching: the cache of a target only ever holds wheels that run on it.
-                raise ImageBuildError(
-                    f"'{d.display}' has no wheel for {target.describe()}: {how} {built[0].name}, which does not "
-                    f"run there (platform-specific wheels built here run only on {host or 'this host'}). "
-                    f"Pin a version of {d.display} that publishes {target.platform} wheels, {elsewhere}, or "
-                    "choose another platform for the image")
+            if not target.accepts(built[0].name):  # before caching: a target's cache only holds wheels for it
+                raise ImageBuildError(_foreign_wheel(d, built[0].name, target, here, elsewhere))
             return await anyio.to_thread.run_sync(_store_wheel, built[0], key)
         finally:
             await _remove_tree(tmp)
@@ -1191,6 +1186,26 @@ class ImageManager:
             emit(LogLine, step=who, line=line, stream="build")
 
         return progress
+
+
+def _foreign_wheel(d: _Dist, name: str, target: WheelTarget, here: str, elsewhere: str) -> str:
+    """Why the wheel ``name`` made for ``d`` cannot ship to ``target``, and what to do."""
+    from packaging.utils import parse_wheel_filename
+
+    runs_on = ", ".join(sorted({t.platform for t in parse_wheel_filename(name)[3]}))
+    if d.kind == "index":
+        origin = (f"the package index has no wheel of '{d.name}=={d.version}' for it, and its source, built on "
+                  f"{here}, gives {name}")
+        fix = (f"Pin a version of {d.display} that publishes {target.platform} wheels, {elsewhere}, or choose "
+               "another platform for the image")
+    elif d.kind == "direct" and d.source.endswith(".whl"):
+        origin = f"it was installed from the wheel {name} ({d.source})"
+        fix = f"Install a wheel of it made for {target.platform}, or choose another platform for the image"
+    else:
+        origin = f"it is installed from {d.source}, and built on {here} it gives {name}"
+        fix = (f"Build the image on a {target.platform} host, make '{d.display}' pure Python, or choose another "
+               "platform for the image")
+    return f"'{d.display}' has no wheel for {target.describe()}: {origin}, which runs only on {runs_on}. {fix}"
 
 
 def _accepts_platform(build: Callable[..., Any]) -> bool:

@@ -299,7 +299,8 @@ class DockerImageBuilder(ImageBuilder):
     async def _read_probe(self, docker: Any, ref: str, image_id: str, env: dict[str, str],
                           arch: str) -> dict[str, Any]:
         """Python version and C library of ``image_id`` from its files (nothing runs)."""
-        container = await docker.containers.create({"Image": image_id, "Entrypoint": ["python3"], "Cmd": []})
+        container = await docker.containers.create({"Image": image_id, "Entrypoint": ["python3"], "Cmd": [],
+                                                    "Labels": {"stepflow": "probe"}})  # never started
         try:
             python: list[int] | None = None
             version = re.match(r"(\d+)\.(\d+)", env.get("PYTHON_VERSION", ""))  # official python images
@@ -313,7 +314,7 @@ class DockerImageBuilder(ImageBuilder):
                 if named:
                     python = [int(named.group(1)), int(named.group(2))]
             if python is None:
-                raise ImageBuildError(f"cannot tell the Python version of base image '{ref}' ({arch}) without "
+                raise ImageBuildError(f"cannot tell the Python version of base image '{ref}' ({arch} image) without "
                                       "running it: no python3 -> python3.X link on its PATH and no PYTHON_VERSION")
             machine, triplet = _MACHINES.get(arch, (arch, f"{arch}-linux-gnu"))
             libc = "musl" if await _fetch(container, f"/lib/ld-musl-{machine}.so.1") is not None else ""
