@@ -613,3 +613,69 @@ async def test_an_ecr_login_failure_is_explained(sm_stack: dict[str, Any]) -> No
     with pytest.raises(StepflowError) as bad:
         await run(pipes().failing())
     assert "ECR login failed" in str(bad.value) and "http://127.0.0.1:9" in str(bad.value)
+
+
+# ------------------------------------------------------------------------------ security, crash safety
+@docker_test
+async def test_a_job_description_gives_nothing_to_forge_a_payload_or_output_with(sm_stack: dict[str, Any],
+                                                                                 tmp_path: Path) -> None:
+    """What DescribeTrainingJob shows (the job's token included) forges nothing stepflow accepts."""
+    import boto3
+    from stepflow_sagemaker.operator import SageMakerBackend
+
+    from stepflow._store import keys as home_keys
+    from stepflow.errors import PayloadError
+    from stepflow.remote import JobOperator
+    from stepflow.remote import _envelope as envelope
+    from stepflow.remote import _keys as job_keys
+    from tests.test_security import Boom, candidate_keys
+
+    marker = tmp_path / "forged-ran"
+    seen: dict[str, Any] = {}
+    s3 = boto3.client("s3", endpoint_url=sm_stack["moto"], region_name=AWS_TEST_REGION)
+
+    class Attacked(SageMakerBackend):
+        """Between the job's end and the runner reading its output, an attacker who may describe jobs acts."""
+
+        async def cleanup(self, job_id: str, state: Any) -> None:
+            described = sm_client(sm_stack["backend"]).describe_training_job(TrainingJobName=job_id)
+            seen["job"], seen["described"] = job_id, json.dumps(described, default=str)
+            args = described["AlgorithmSpecification"]["ContainerArguments"]
+            bucket, _, key = args[args.index("--output") + 1].removeprefix("s3://").partition("/")
+            token = bytes.fromhex(described["Environment"]["STEPFLOW_JOB_TOKEN"])  # visible: no secret channel
+            header = {"run_id": described["TrainingJobName"], "step": "broken", "attempt": 1, "job": job_id}
+            for guess in (token, job_keys.payload_key(token)):  # the best keys a token alone gives
+                s3.put_object(Bucket=bucket, Key=key, Body=envelope.encode(
+                    "output", {"ok": True, "value": Boom(str(marker))}, guess, **header))
+            await super().cleanup(job_id, state)
+
+    config = Client().instantiate("step_operator", "sagemaker").config
+    op = JobOperator(Attacked("sagemaker", config), settings_class=type(config))
+    result = await run(pipes().failing(), operators={"sagemaker": op})
+    err = result.steps["broken"].error
+    assert err is not None and err.type == "PayloadError" and "signature mismatch" in err.message, err
+    assert not marker.exists()
+    home = Path(os.environ["STEPFLOW_HOME"])
+    output_key = job_keys.JobKeys.derive(lambda p: home_keys.derive(home_keys.master_key(home), p), seen["job"]).output_key
+    for key in candidate_keys(seen["described"]):
+        with pytest.raises(PayloadError):
+            envelope.decode(envelope.encode("output", {"ok": True}, key, job=seen["job"]), output_key, kind="output")
+    assert "testing" not in seen["described"]  # the store's keys: the job uses its role
+
+
+@docker_test
+@pytest.mark.parametrize("phase", ["job.recorded", "job.submitted"])
+def test_sigkill_at_submit_time_then_resume_creates_each_job_once(phase: str, sm_stack: dict[str, Any]) -> None:
+    backend, project = sm_stack["backend"], sm_stack["project"]
+    run_id = f"smcrash-{phase.replace('.', '-')}-{uuid.uuid4().hex[:6]}"
+    environ = {**cli_env(project), "STEPFLOW_FAILPOINTS": phase}
+    killed = cli(["run", f"{MODULE}:sleepy", "-p", "seconds=2", "--run-id", run_id, "--no-progress"], environ, project)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    resumed = cli(["resume", run_id, "--no-progress"], cli_env(project), project)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    from stepflow._store.runs import RunStore
+
+    store = RunStore()
+    assert store.get_run(run_id).status == "succeeded"
+    (job,) = store.jobs(run_id)
+    assert stats(backend)["created"][job.job_name] == 1
