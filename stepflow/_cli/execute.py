@@ -14,7 +14,7 @@ from stepflow.errors import StepflowError
 
 
 async def execute_with_display(prepare: Any, events_file: str | None, progress: bool | None,
-                               log_format: str, verb: str) -> int:
+                               log_format: str, verb: str, debug: bool = False) -> int:
     """Prepare a runner on a fresh bus, run it with the live display or line output, summarize."""
     from rich.live import Live
 
@@ -74,7 +74,7 @@ async def execute_with_display(prepare: Any, events_file: str | None, progress: 
     await bus.aclose()
     if error is not None:  # bad input found as the run started (e.g. an unreachable registry)
         fail(str(error))
-    print_summary(console, result)
+    print_summary(console, result, debug=debug)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if result.status == "succeeded" else EXIT_FAILED

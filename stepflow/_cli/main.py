@@ -46,9 +46,10 @@ def cli() -> None:
                    "otherwise one line per step event).")
 @click.option("--log-format", type=click.Choice(["lines", "structlog"]), default="lines",
               show_default=True, help="Format of the non-interactive output.")
+@click.option("--debug", is_flag=True, help="Show failures with every traceback frame (stepflow's included).")
 def run_cmd(target: str, params: tuple[str, ...], events_file: str | None,
             max_concurrency: int | None, fail_fast: bool, run_id: str | None, stack: str | None,
-            progress: bool | None, log_format: str) -> None:
+            progress: bool | None, log_format: str, debug: bool) -> None:
     """Run the pipeline MODULE:PIPELINE, e.g. `stepflow run examples.quickstart.pipeline:training`.
 
     MODULE is a dotted module importable from the current directory, or a path to a .py
@@ -70,13 +71,13 @@ def run_cmd(target: str, params: tuple[str, ...], events_file: str | None,
     except StepflowError as exc:
         fail(str(exc))
     code = anyio.run(_run_pipeline, pipeline, _stable_target(target), events_file, max_concurrency,
-                     fail_fast, run_id, stack, progress, log_format)
+                     fail_fast, run_id, stack, progress, log_format, debug)
     sys.exit(code)
 
 
 async def _run_pipeline(pipeline: Any, target: str | None, events_file: str | None, max_concurrency: int | None,
                         fail_fast: bool, run_id: str | None, stack: str | None,
-                        progress: bool | None, log_format: str) -> int:
+                        progress: bool | None, log_format: str, debug: bool) -> int:
     from stepflow._engine.run import prepare_runner
 
     def prepare(bus: Any) -> Any:
@@ -85,7 +86,7 @@ async def _run_pipeline(pipeline: Any, target: str | None, events_file: str | No
 
     from stepflow._cli.execute import execute_with_display
 
-    return await execute_with_display(prepare, events_file, progress, log_format, "running")
+    return await execute_with_display(prepare, events_file, progress, log_format, "running", debug)
 
 
 register_commands(cli)

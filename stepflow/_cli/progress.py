@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -131,7 +132,8 @@ class LinePrinter:
             c.print(f"[yellow]↻[/] {ev.step} attempt {ev.attempt} failed ({ev.error}); "
                     f"retrying in {ev.delay:.1f}s", highlight=False)
         elif isinstance(ev, StepFailed):
-            c.print(f"[red]✘[/] {ev.step} failed: {ev.error_type}: {ev.message}", highlight=False)
+            c.print(f"[red]✘[/] {escape(ev.step)} failed: {escape(ev.error_type)}: {escape(_first_line(ev.message))}",
+                    highlight=False)
         elif isinstance(ev, StepSkipped):
             c.print(f"[yellow]-[/] {ev.step} skipped: {ev.reason}", highlight=False)
         elif isinstance(ev, StepCancelled):
@@ -143,7 +145,58 @@ class LinePrinter:
                     highlight=False)
 
 
-def print_summary(console: Console, result: RunResult, max_rows: int = 40) -> None:
+#: Frames of these are the machinery around a step, not the user's code (here, and inside a job's image).
+_INTERNAL = (f"{__file__.rsplit('/', 3)[0]}/stepflow/", "-packages/stepflow/", "/anyio/", "/asyncio/",
+             "/concurrent/futures/", "/threading.py", "<frozen runpy>")
+#: Errors stepflow raises on purpose: their message says what is wrong and what to do.
+_CLEAR = frozenset({"OutputNotPicklableError", "ConfigError", "ImageBuildError", "RegistryError", "BackendError",
+                    "TransientBackendError", "CapacityError", "PayloadError", "VersionMismatchError",
+                    "StepTimeoutError", "JobStoppedError", "ArtifactStoreError", "BucketNotFoundError",
+                    "AccessDeniedError", "StepflowError"})
+
+
+def _first_line(message: str, limit: int = 120) -> str:
+    """The first sentence of a message, for the live line (the summary has it all)."""
+    text = message.strip().splitlines()[0] if message.strip() else ""
+    cut = text.find(". ")
+    text = text[:cut + 1] if 0 < cut < limit else text
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def failure_text(error: Any, debug: bool = False) -> str:
+    """How a step failure reads in the summary: the user's frames and the error, not the machinery.
+
+    stepflow's own errors are one line (their message carries the fix); a remote failure shows
+    the job's traceback; an exception from the step's code shows its frames from the first
+    frame of the user's code on. ``debug`` shows every frame.
+    """
+    tb = str(getattr(error, "traceback", "") or "").rstrip()
+    if debug:
+        return tb or f"{error.type}: {error.message}"
+    if error.type in _CLEAR:
+        return f"{error.type}: {error.message}"
+    if not tb:
+        return f"{error.type}: {error.message}"
+    lines = tb.splitlines()
+    head = lines[0] if lines and lines[0].startswith("Traceback") else "Traceback (most recent call last):"
+    frames: list[list[str]] = []
+    rest: list[str] = []
+    for line in lines:
+        if line.startswith('  File "'):
+            frames.append([line])
+        elif frames and line.startswith("    ") and not rest:
+            frames[-1].append(line)
+        elif frames:
+            rest.append(line)
+    user = [f for f in frames if not any(part in f[0] for part in _INTERNAL)]
+    if not frames or not user:
+        return "\n".join(lines[-15:])
+    first = frames.index(user[0])
+    shown = [line for frame in frames[first:] if not any(p in frame[0] for p in _INTERNAL) for line in frame]
+    return "\n".join([head, *shown[-24:], *rest[-6:]])
+
+
+def print_summary(console: Console, result: RunResult, max_rows: int = 40, debug: bool = False) -> None:
     """Step table (or counts for big runs), failures with traceback tails, and the verdict."""
     steps = list(result.steps.values())
     if len(steps) <= max_rows:
@@ -158,8 +211,10 @@ def print_summary(console: Console, result: RunResult, max_rows: int = 40) -> No
     for s in result.failed_steps()[:5]:
         console.print(f"\n[bold red]step {s.name} failed[/] after {s.attempts} attempt(s):")
         if s.error is not None:
-            tail = s.error.traceback.rstrip().splitlines()[-15:]
-            console.print("\n".join(tail), markup=False, highlight=False)
+            console.print(failure_text(s.error, debug), markup=False, highlight=False)
+    if result.failed_steps() and not debug:
+        console.print(f"\n(full tracebacks: `stepflow runs show {result.run_id}`, or run with --debug)",
+                      markup=False, highlight=False)
     if result.output is not None:
         text = repr(result.output)
         console.print(f"\noutput: {text[:300]}{' ...' if len(text) > 300 else ''}",

@@ -146,7 +146,8 @@ def register_run_commands(cli: click.Group) -> None:
     @cli.command("resume")
     @click.argument("run_id")
     @click.option("--progress/--no-progress", default=None, help="Live display (default: on a terminal).")
-    def resume_cmd(run_id: str, progress: bool | None) -> None:
+    @click.option("--debug", is_flag=True, help="Show failures with every traceback frame.")
+    def resume_cmd(run_id: str, progress: bool | None, debug: bool) -> None:
         """Finish an interrupted run (e.g. after the runner was killed).
 
         Steps that finished keep their stored outputs and are not run again; remote steps
@@ -158,7 +159,7 @@ def register_run_commands(cli: click.Group) -> None:
         def prepare(bus: Any) -> Any:
             return prepare_resume(run_id, event_bus=bus)
 
-        sys.exit(anyio.run(execute_with_display, prepare, None, progress, "lines", "resuming"))
+        sys.exit(anyio.run(execute_with_display, prepare, None, progress, "lines", "resuming", debug))
 
 
 async def _stop_jobs(run_id: str) -> list[str]:
