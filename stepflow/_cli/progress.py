@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 from rich.console import Console, Group
-from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -116,33 +115,46 @@ class RunView:
 
 
 class LinePrinter:
-    """Prints one line per step state change (non-interactive output, e.g. CI logs)."""
+    """Prints one line per step state change (non-interactive output, e.g. CI logs).
+
+    Lines are plain text written straight to the console's file when it is not a terminal:
+    rendering each through rich costs ~0.4 ms, which a 2,000-step run would pay 4,000 times.
+    """
 
     def __init__(self, console: Console) -> None:
         self.console = console
+        self.plain = not console.is_terminal
+
+    def _out(self, mark: str, style: str, text: str, *, dim: bool = False) -> None:
+        if self.plain:
+            self.console.file.write(f"{mark} {text}\n" if mark else f"{text}\n")
+        elif dim:
+            self.console.print(Text(text, style="dim"), highlight=False)
+        else:
+            self.console.print(Text.assemble((mark, style), " ", text), highlight=False)
 
     def handle(self, ev: Event) -> None:
-        c = self.console
         if isinstance(ev, StepStarted):
             extra = f" (attempt {ev.attempt})" if ev.attempt > 1 else ""
-            c.print(f"[cyan]▶[/] {ev.step} started on {ev.operator}{extra}", highlight=False)
+            self._out("▶", "cyan", f"{ev.step} started on {ev.operator}{extra}")
         elif isinstance(ev, StepSucceeded):
-            c.print(f"[green]✔[/] {ev.step} succeeded in {ev.duration:.2f}s", highlight=False)
+            self._out("✔", "green", f"{ev.step} succeeded in {ev.duration:.2f}s")
         elif isinstance(ev, StepRetrying):
-            c.print(f"[yellow]↻[/] {ev.step} attempt {ev.attempt} failed ({ev.error}); "
-                    f"retrying in {ev.delay:.1f}s", highlight=False)
+            self._out("↻", "yellow", f"{ev.step} attempt {ev.attempt} failed ({ev.error}); retrying in {ev.delay:.1f}s")
         elif isinstance(ev, StepFailed):
-            c.print(f"[red]✘[/] {escape(ev.step)} failed: {escape(ev.error_type)}: {escape(_first_line(ev.message))}",
-                    highlight=False)
+            self._out("✘", "red", f"{ev.step} failed: {ev.error_type}: {_first_line(ev.message)}")
         elif isinstance(ev, StepSkipped):
-            c.print(f"[yellow]-[/] {ev.step} skipped: {ev.reason}", highlight=False)
+            self._out("-", "yellow", f"{ev.step} skipped: {ev.reason}")
         elif isinstance(ev, StepCancelled):
-            c.print(f"[magenta]■[/] {ev.step} cancelled: {ev.reason}", highlight=False)
+            self._out("■", "magenta", f"{ev.step} cancelled: {ev.reason}")
         elif isinstance(ev, LogLine):
-            c.print(Text.assemble((f"  {ev.step} | ", "dim"), ev.line), highlight=False)
+            self._out("", "", f"  {ev.step} | {ev.line}", dim=True)
         elif isinstance(ev, JobStatusChanged):
-            c.print(Text(f"  {ev.step}: job {ev.job_id[:24]} {ev.status} {ev.detail}".rstrip(), style="dim"),
-                    highlight=False)
+            self._out("", "", f"  {ev.step}: job {ev.job_id[:24]} {ev.status} {ev.detail}".rstrip(), dim=True)
+
+    def flush(self) -> None:
+        """Write out what is buffered (before the summary)."""
+        self.console.file.flush()
 
 
 #: Frames of these are the machinery around a step, not the user's code (here, and inside a job's image).
