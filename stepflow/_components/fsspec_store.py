@@ -119,7 +119,8 @@ class FsspecArtifactStore(ArtifactStore):
 
     def job_storage_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(public, secret)`` options for jobs; host-only ones (a profile name) are left out."""
-        public, secret = {}, {}
+        public: dict[str, Any] = {}
+        secret: dict[str, Any] = {}
         for key, value in self.storage_options().items():
             if key in self.host_only_options:
                 continue
