@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from stepflow._engine.context import running_step
 from stepflow.errors import PayloadError
 from stepflow.remote import _envelope as envelope
 from stepflow.remote import _keys as keys
@@ -129,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stepflow: running step {meta['step']!r} (run {meta['run_id']}, attempt {meta['attempt']})", flush=True)
     started = time.time()
     try:
-        result = fn(*call_args, **call_kwargs)
-        if inspect.isawaitable(result):
-            result = asyncio.run(_await(result))
+        with running_step(str(meta["run_id"]), str(meta["step"]), int(meta["attempt"] or 1)):
+            result = fn(*call_args, **call_kwargs)
+            if inspect.isawaitable(result):
+                result = asyncio.run(_await(result))
         out = {"ok": True, "value": result, "duration": time.time() - started}
         code = EXIT_OK
     except BaseException as exc:  # report everything, including SystemExit from the step

@@ -42,6 +42,7 @@ from stepflow.interfaces.artifact_store import ArtifactStore
 from stepflow.interfaces.operator import Invocation, RunResources, StepOperator
 from stepflow.remote import _envelope as envelope
 from stepflow.remote import _keys as keys
+from stepflow.remote import _retry as retry
 from stepflow.remote import _tracker
 from stepflow.remote._backend import Job, JobBackend, JobState
 from stepflow.remote._config import merge
@@ -268,13 +269,23 @@ class JobOperator(StepOperator):
         return await attempt.read_output(state)
 
     async def _submit(self, job: Job) -> str:
+        """Submit with the retry policy; if it gives up, a job created by a try whose answer was lost is adopted."""
         self.stats.submits += 1
 
         async def once() -> str:
             self.stats.submit_calls += 1
             return await self.backend.submit(job)
 
-        return await self.policy.call(once, classify=self.backend.is_transient)
+        try:
+            return await self.policy.call(once, classify=self.backend.is_transient)
+        except Exception as exc:
+            if not retry.transient(exc, self.backend.is_transient):
+                raise
+            with contextlib.suppress(Exception):  # the lookup is a last chance, not a new failure
+                found = await self.backend.find(job.name)
+                if found:
+                    return found
+            raise
 
     async def _follow(self, job_id: str, inv: Invocation) -> JobState:
         tracker = self.tracker

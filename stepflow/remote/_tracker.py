@@ -172,22 +172,35 @@ class Tracker:
 
     # ------------------------------------------------------------------ logs
     async def _log_loop(self) -> None:
+        """Full rounds every ``log_interval``; in between, quick rounds for jobs that just ended only.
+
+        A step whose job ended waits for its last lines, so those are read soon (0.3 s); the
+        jobs still running wait for the next full round, so a busy backend is not read faster
+        than its ``log_interval`` (on Docker a round costs one request per job).
+        """
+        loop = asyncio.get_running_loop()
+        last_full = loop.time()
         try:
             while any(w.wants_logs and not w.done.is_set() for w in self._watches.values()):
-                finishing = any(w.final_rounds is not None for w in self._watches.values())
-                delay = 0.3 if finishing else self.backend.log_interval
+                finishing = any(w.final_rounds is not None and not w.done.is_set() for w in self._watches.values())
+                until_full = max(0.0, self.backend.log_interval - (loop.time() - last_full))
+                delay = min(0.3, until_full) if finishing else until_full
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_logs.wait(), delay)
                 self._wake_logs.clear()
-                await self._log_round()
+                full = loop.time() - last_full >= self.backend.log_interval
+                if full:
+                    last_full = loop.time()
+                await self._log_round(only_finishing=not full)
         finally:  # never leave a job waiting for logs that will not come
             for watch in self._watches.values():
                 if watch.final_rounds is not None:
                     watch.done.set()
 
-    async def _log_round(self) -> None:
+    async def _log_round(self, only_finishing: bool = False) -> None:
         active = [w for w in self._watches.values() if w.wants_logs and not w.done.is_set()
-                  and w.state is not None and w.state.phase != "pending"]
+                  and w.state is not None and w.state.phase != "pending"
+                  and (w.final_rounds is not None or not only_finishing)]
         if not active:
             return
         try:

@@ -31,17 +31,12 @@ SPEC_MARKER = "stepflow_fake_job"
 
 #: What a real backend runs: each line printed (flushed) at an even pace over ``seconds``, then
 #: the exit code. The fake reproduces exactly this timing.
+#: Kept under 256 characters: SageMaker's limit on one container argument.
 JOB_SCRIPT = (
-    "import json, sys, time\n"
-    "s = json.loads(sys.argv[-1])\n"
-    "out = sys.stderr if s['stderr'] else sys.stdout\n"
-    "lines = s['lines']\n"
-    "for line in lines:\n"
-    "    print(line, file=out, flush=True)\n"
-    "    time.sleep(s['seconds'] / len(lines))\n"
-    "if not lines:\n"
-    "    time.sleep(s['seconds'])\n"
-    "sys.exit(s['exit_code'])\n"
+    "import json,sys,time\n"
+    "s=json.loads(sys.argv[-1]);o=sys.stderr if s['stderr'] else sys.stdout;L=s['lines']\n"
+    "for x in L:print(x,file=o,flush=True);time.sleep(s['seconds']/len(L))\n"
+    "L or time.sleep(s['seconds']);sys.exit(s['exit_code'])\n"
 )
 
 

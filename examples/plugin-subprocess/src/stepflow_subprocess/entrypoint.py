@@ -71,11 +71,10 @@ def _error(exc: BaseException, *, message: str | None = None) -> dict[str, Any]:
 
 def _set_step_context(payload: dict[str, Any]) -> None:
     """Make ``stepflow.current_step()`` work inside the step, as it does in-process."""
-    try:
-        from stepflow._engine.context import _CTX  # no public setter: the runner owns it
-    except ImportError:
-        return
-    _CTX.set((payload["run_id"], payload["step"], payload["attempt"], payload.get("pipeline", "")))
+    from stepflow.remote import running_step
+
+    # The whole child process is this one step: entered, never left.
+    running_step(payload["run_id"], payload["step"], payload["attempt"], payload.get("pipeline", "")).__enter__()
 
 
 def _run(payload: dict[str, Any]) -> dict[str, Any]:
