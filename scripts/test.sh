@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start what the tests need (dockerd, a registry, the base image: scripts/services.sh), then lint,
-# type-check and run the whole test suite inside the project's virtualenv.
+# type-check, check the import layers and run the whole test suite inside the project's virtualenv.
 # A run that collects no test is an error: CI must never go green on nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,8 @@ fi
 
 "$BIN/ruff" check .
 "$BIN/mypy"
+"$BIN/mypy" --strict -p stepflow.remote -p stepflow.interfaces   # the plugin authors' API
+"$BIN/lint-imports"   # the architecture's layers (pyproject.toml [tool.importlinter])
 set +e
 "$BIN/python" -m pytest "$@"
 code=$?

@@ -8,7 +8,7 @@ from stepflow._bus.bus import EventBus, EventHandler, Subscription
 from stepflow._bus.sinks import ConsoleSink, JsonlSink, read_jsonl
 from stepflow._dsl.pipeline import Pipeline, PipelineDef, pipeline
 from stepflow._dsl.step import Step, StepOutput, step
-from stepflow._engine.context import StepContext, current_step
+from stepflow._engine.context import StepContext, current_step, running_step
 from stepflow._engine.result import RunResult, StepError, StepResult
 from stepflow._engine.run import resume, run, run_sync
 from stepflow._operators.local import LocalStepOperator
@@ -58,5 +58,6 @@ __all__ = [
     "resume",
     "run",
     "run_sync",
+    "running_step",
     "step",
 ]

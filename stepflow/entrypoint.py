@@ -25,9 +25,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from stepflow import _envelope as envelope
 from stepflow._engine.context import running_step
 from stepflow.errors import PayloadError
-from stepflow.remote import _envelope as envelope
 from stepflow.remote import _keys as keys
 from stepflow.remote._io import read_uri, storage_options, write_uri
 

@@ -7,6 +7,7 @@ message that names what is wrong and how to fix it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class StepflowError(Exception):
@@ -123,6 +124,87 @@ class RegistryError(StepflowError):
         self.uri = uri
 
 
+class _KeepsState:
+    """Lets the errors below pickle: their ``__init__`` takes more than the message."""
+
+    uri: str
+    detail: str
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.uri, self.detail), dict(vars(self)))
+
+
+class RegistryReferenceError(_KeepsState, RegistryError, ValueError):
+    """A registry address, repository name, tag or digest is malformed."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        super().__init__(uri, detail)
+        self.detail = detail
+
+
+class DockerConfigError(_KeepsState, RegistryError):
+    """The Docker client config file cannot be read or holds a malformed entry."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        super().__init__(uri, detail)
+        self.detail = detail
+
+
+class CredentialHelperError(_KeepsState, RegistryError):
+    """A Docker credential helper is missing, failed, or answered something that is not its JSON."""
+
+    def __init__(self, uri: str, detail: str, *, helper: str = "") -> None:
+        super().__init__(uri, detail)
+        self.detail = detail
+        self.helper = helper
+
+
+class RegistryUnreachableError(_KeepsState, RegistryError):
+    """No HTTP answer from the registry or its token service: refused, unresolvable, timed out, reset."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        super().__init__(uri, detail)
+        self.detail = detail
+
+
+class RegistryTLSError(RegistryUnreachableError):
+    """TLS failed: an untrusted certificate, or HTTPS spoken to a plain-HTTP port (or the reverse)."""
+
+
+class RegistryAuthError(_KeepsState, RegistryError):
+    """The registry or its token service refused the credentials; ``source`` says where they came from."""
+
+    def __init__(self, uri: str, detail: str, *, source: str = "") -> None:
+        super().__init__(uri, detail)
+        self.detail = detail
+        self.source = source
+
+
+class RegistryCredentialsMissingError(RegistryAuthError):
+    """The registry asks for credentials and none were given or found."""
+
+
+class RegistryPermissionError(RegistryAuthError):
+    """The credentials are valid but do not grant the access asked for (e.g. push to that repository)."""
+
+
+class RegistryResponseError(_KeepsState, RegistryError):
+    """The registry answered with an unexpected status or body; ``status`` is the HTTP status, if any."""
+
+    def __init__(self, uri: str, detail: str, *, status: int | None = None) -> None:
+        super().__init__(uri, detail)
+        self.detail = detail
+        self.status = status
+
+
+class RegistryNotFoundError(RegistryResponseError):
+    """The manifest or blob asked for does not exist (HTTP 404)."""
+
+
+class DigestMismatchError(RegistryResponseError):
+    """Content read from the registry does not hash to the digest it was asked for by."""
+
+
 class PayloadError(StepflowError):
     """An envelope (payload, output, stored value) was refused: tampered, foreign or truncated."""
 
@@ -141,6 +223,10 @@ class BucketNotFoundError(ArtifactStoreError):
 
 class AccessDeniedError(ArtifactStoreError, PermissionError):
     """The credentials of an artifact store may not do what was asked."""
+
+
+class ProjectRootError(ImageBuildError):
+    """The project root cannot be shipped as a whole (filesystem root, home directory, ...)."""
 
 
 class StorePathError(ConfigError, ValueError):

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from stepflow import _envelope as envelope
 from stepflow.errors import PayloadError
-from stepflow.remote import _envelope as envelope
 from stepflow.remote import _keys as keys
 
 MASTER = bytes(range(32))

@@ -623,10 +623,10 @@ async def test_a_job_description_gives_nothing_to_forge_a_payload_or_output_with
     import boto3
     from stepflow_sagemaker.operator import SageMakerBackend
 
+    from stepflow import _envelope as envelope
     from stepflow._store import keys as home_keys
     from stepflow.errors import PayloadError
     from stepflow.remote import JobOperator
-    from stepflow.remote import _envelope as envelope
     from stepflow.remote import _keys as job_keys
     from tests.test_security import Boom, candidate_keys
 

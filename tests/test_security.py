@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 
 from stepflow import EventBus, run
+from stepflow import _envelope as envelope
 from stepflow._stack.client import Client
 from stepflow._store import keys
 from stepflow.errors import PayloadError
 from stepflow.events import LogLine
-from stepflow.remote import _envelope as envelope
 from stepflow.remote import _keys as job_keys
 from tests.docker_env import REGISTRY, cli_environ, docker_test, remove_local_images, stepflow_cli, write_project
 from tests.services import AWS_TEST_REGION, aws_env, moto_server

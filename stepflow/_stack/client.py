@@ -417,7 +417,9 @@ class Client:
                     f"cannot reach the {store_flavor.name} artifact store '{stack.artifact_store}': "
                     "use a remote one (e.g. --type=s3, gcs or azure)"
                 )
-            problems.extend(fl.validate_stack(attrs.asdict(stack)))
+            view = {**attrs.asdict(stack), "components": {
+                f"{k}:{n}": {"flavor": c.flavor, "config": dict(c.config)} for (k, n), c in components.items()}}
+            problems.extend(fl.validate_stack(view))
         if problems:
             raise ConfigError(f"stack '{stack.name}' is invalid: " + "; ".join(problems))
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import anyio
 
+from stepflow import _envelope as envelope
 from stepflow.errors import PayloadError, StepflowError
-from stepflow.remote import _envelope as envelope
 
 KIND = "stored-value"
 #: Values whose envelope is larger than this go to the artifact store instead of the database.

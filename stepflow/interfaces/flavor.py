@@ -82,5 +82,10 @@ class Flavor:
         return self.load_implementation()(name=name, config=config)
 
     def validate_stack(self, stack: Mapping[str, Any]) -> list[str]:
-        """Extra cross-component checks for a stack using this flavor (empty when fine)."""
+        """Extra cross-component checks for a stack using this flavor (empty when fine).
+
+        ``stack`` has the stack's fields (``artifact_store``, ``container_registry``,
+        ``step_operators`` ...) and ``components``: ``{"KIND:NAME": {"flavor": ..., "config":
+        {...}}}`` with the options each member was registered with (secret values sealed).
+        """
         return []

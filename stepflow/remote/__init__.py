@@ -13,7 +13,6 @@ Importing this package is cheap: no SDK, no event loop machinery until an operat
 
 from typing import TYPE_CHECKING, Any
 
-from stepflow._engine.context import running_step
 from stepflow.errors import BackendError, CapacityError, ConfigError, RegistryError, TransientBackendError
 from stepflow.interfaces.operator import RunResources
 from stepflow.remote._backend import TERMINAL_PHASES, Job, JobBackend, JobState, Limits, LogBatch, Phase
@@ -57,7 +56,6 @@ __all__ = [
     "job_name",
     "merge",
     "run_prefix",
-    "running_step",
 ]
 
 

@@ -35,7 +35,7 @@ import attrs
 import pathspec
 from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
 
-from stepflow.errors import ImageBuildError
+from stepflow.errors import ImageBuildError, ProjectRootError
 
 __all__ = [
     "MANDATORY_EXCLUDES",
@@ -93,10 +93,6 @@ _CODE_SUFFIXES = frozenset({
 _SECRET_NAME_WORDS = frozenset({
     "secret", "secrets", "token", "password", "passwords", "passwd", "credential", "credentials",
 })
-
-
-class ProjectRootError(ImageBuildError):
-    """The project root cannot be shipped as a whole (filesystem root, home directory, ...)."""
 
 
 @attrs.frozen

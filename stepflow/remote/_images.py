@@ -188,6 +188,10 @@ def host_platform() -> str | None:
     return f"linux/{arch}" if arch in _MACHINES else None
 
 
+def _int_pair(value: Any) -> tuple[int, int]:
+    return int(value[0]), int(value[1])
+
+
 def _version_pair(text: str) -> tuple[int, int] | None:
     found = re.search(r"(\d+)\.(\d+)", text)
     return (int(found.group(1)), int(found.group(2))) if found else None
@@ -198,7 +202,7 @@ class WheelTarget:
     """Where shipped wheels must run: the image's platform, CPython minor version and C library."""
 
     platform: str = attrs.field(converter=normalize_platform)
-    python: tuple[int, int] = attrs.field(converter=lambda v: (int(v[0]), int(v[1])))
+    python: tuple[int, int] = attrs.field(converter=_int_pair)
     #: "glibc" (manylinux wheels) or "musl" (musllinux wheels).
     libc: str = "glibc"
     #: Newest C library version the wheels may need.

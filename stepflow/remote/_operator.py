@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import anyio
 import attrs
 
+from stepflow import _envelope as envelope
 from stepflow.errors import (
     ConfigError,
     ImageBuildError,
@@ -40,7 +41,6 @@ from stepflow.errors import (
 from stepflow.events import JobStatusChanged, JobSubmitted, LogLine
 from stepflow.interfaces.artifact_store import ArtifactStore
 from stepflow.interfaces.operator import Invocation, RunResources, StepOperator
-from stepflow.remote import _envelope as envelope
 from stepflow.remote import _keys as keys
 from stepflow.remote import _retry as retry
 from stepflow.remote import _tracker

@@ -33,30 +33,24 @@ class SageMakerOperatorFlavor(JobBackendFlavor):
         AWS config is checked again when a run starts.
         """
         registry = stack.get("container_registry")
-        if not registry:
+        members = stack.get("components") or {}
+        reg = members.get(f"container_registry:{registry}")
+        if not registry or reg is None or reg.get("flavor") != "ecr":
             return []
-        try:
-            from stepflow._stack.client import Client
-
-            client = Client()
-            reg = client.get_component("container_registry", registry)
-            if reg.flavor != "ecr":
-                return []
-            reg_region = reg.config.get("region") or ecr_region(str(reg.config.get("uri", "")))
-            if not reg_region or "{{" in reg_region:
-                return []
-            problems = []
-            for name in stack.get("step_operators") or ():
-                op = client.get_component("step_operator", name)
-                if op.flavor != self.name:
-                    continue
-                op_region = op.config.get("region") or os.environ.get("AWS_REGION") \
-                    or os.environ.get("AWS_DEFAULT_REGION")
-                if op_region and "{{" not in op_region and op_region != reg_region:
-                    problems.append(region_mismatch(name, op_region, registry, reg_region))
-            return problems
-        except Exception:  # the stack validation itself reports missing components
+        config = reg.get("config") or {}
+        reg_region = config.get("region") or ecr_region(str(config.get("uri", "")))
+        if not reg_region or "{{" in reg_region:
             return []
+        problems = []
+        for name in stack.get("step_operators") or ():
+            op = members.get(f"step_operator:{name}")
+            if op is None or op.get("flavor") != self.name:
+                continue
+            op_region = (op.get("config") or {}).get("region") or os.environ.get("AWS_REGION") \
+                or os.environ.get("AWS_DEFAULT_REGION")
+            if op_region and "{{" not in op_region and op_region != reg_region:
+                problems.append(region_mismatch(name, op_region, registry, reg_region))
+        return problems
 
 
 def region_mismatch(operator: str, op_region: str, registry: str, reg_region: str) -> str:

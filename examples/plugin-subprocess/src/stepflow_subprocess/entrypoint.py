@@ -71,7 +71,7 @@ def _error(exc: BaseException, *, message: str | None = None) -> dict[str, Any]:
 
 def _set_step_context(payload: dict[str, Any]) -> None:
     """Make ``stepflow.current_step()`` work inside the step, as it does in-process."""
-    from stepflow.remote import running_step
+    from stepflow import running_step
 
     # The whole child process is this one step: entered, never left.
     running_step(payload["run_id"], payload["step"], payload["attempt"], payload.get("pipeline", "")).__enter__()
