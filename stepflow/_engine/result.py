@@ -67,6 +67,12 @@ class RunResult:
         """Wall-clock seconds the run took."""
         return self.finished_at - self.started_at
 
+    def __repr__(self) -> str:
+        # Compact on purpose: outputs can be huge, and asyncio.run may repr a task's result.
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))
+        return (f"<RunResult {self.run_id} {self.pipeline}: {self.status} in {self.duration:.2f}s "
+                f"({counts or 'no steps'})>")
+
     @property
     def succeeded(self) -> bool:
         """True when every step succeeded."""

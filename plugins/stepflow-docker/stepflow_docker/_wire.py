@@ -9,6 +9,7 @@ import tarfile
 from collections.abc import Mapping
 from typing import Any
 
+from stepflow.errors import BackendError
 from stepflow.remote import Resources
 
 #: Where a job's secrets are put into its container (not shown by `docker inspect`).
@@ -87,3 +88,10 @@ def capacity_problems(resources: Resources) -> list[str]:
         problems.append(f"resources ask for gpu={resources.gpu}, but this Docker host has no NVIDIA GPU "
                         "(closest: no gpu)")
     return problems
+
+
+def unreachable(host: str | None, exc: BaseException) -> BackendError:
+    """The error for a daemon that does not answer, saying how to start it."""
+    return BackendError(f"cannot reach the Docker daemon at {host or 'unix:///var/run/docker.sock'}: "
+                        f"{type(exc).__name__}: {exc}. Start it (e.g. `sudo systemctl start docker`, or `dockerd`; "
+                        "in this repository scripts/services.sh does) or set --docker_host")

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from stepflow.errors import BackendError, TransientBackendError
 from stepflow.remote import Job, JobBackend, JobState, Limits, LogBatch, Resources, RunResources, failpoint
-from stepflow_docker._wire import SECRETS_PATH, capacity_problems, norm_stamp, parse_memory, secrets_tar, since_param
+from stepflow_docker import _wire
 
 NOBODY = "65534:65534"
 _LOOPBACK = ("127.", "localhost", "[::1]")
@@ -30,31 +30,22 @@ class DockerBackend(JobBackend):
         super().__init__(name, config)
         self._docker: Any = None
 
-    def _unreachable(self, exc: BaseException) -> BackendError:
-        return BackendError(f"cannot reach the Docker daemon at {self.config.docker_host or 'unix:///var/run/docker.sock'}:"
-                            f" {type(exc).__name__}: {exc}. Start it (e.g. `sudo systemctl start docker`, or "
-                            "`dockerd`; in this repository scripts/services.sh does) or set --docker_host")
-
     async def _api(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """One Docker API call; connection failures become clear errors, hiccups transient ones."""
         import aiodocker
         import aiohttp
 
-        if self._docker is None:
-            try:
-                self._docker = aiodocker.Docker(url=self.config.docker_host)
-            except Exception as exc:
-                raise self._unreachable(exc) from exc
         try:
+            self._docker = self._docker or aiodocker.Docker(url=self.config.docker_host)
             return await fn(self._docker, *args, **kwargs)
         except aiodocker.DockerError as exc:
             if exc.status == 900:  # aiodocker's "cannot connect"
-                raise self._unreachable(exc) from None
+                raise _wire.unreachable(self.config.docker_host, exc) from None
             if exc.status >= 500 and "no such" not in str(exc.message).lower():
                 raise TransientBackendError(f"Docker daemon: {exc.message}") from exc
             raise
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionError) as exc:
-            raise self._unreachable(exc) from exc
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionError, ValueError) as exc:
+            raise _wire.unreachable(self.config.docker_host, exc) from exc
         except aiohttp.ClientError as exc:
             raise TransientBackendError(f"Docker daemon call failed: {exc}") from exc
 
@@ -64,7 +55,7 @@ class DockerBackend(JobBackend):
 
     def check(self, options: Any, resources: Resources | None) -> list[str]:
         """A request larger than this machine (for a local daemon) cannot run."""
-        return [] if resources is None or options.docker_host else capacity_problems(resources)
+        return [] if resources is None or options.docker_host else _wire.capacity_problems(resources)
 
     def _host_config(self, job: Job) -> dict[str, Any]:
         opts, res = job.options, job.resources or Resources()
@@ -73,7 +64,7 @@ class DockerBackend(JobBackend):
         if network == "auto":  # host networking only when the job must reach a service on loopback
             network = "host" if any(h in job.env.get("STEPFLOW_STORAGE_OPTIONS", "") for h in _LOOPBACK) else "bridge"
         host: dict[str, Any] = {"NetworkMode": network, "Binds": binds}
-        memory = parse_memory(opts.memory) or (int(res.memory_mib * 1024**2) if res.memory_mib else None)
+        memory = _wire.parse_memory(opts.memory) or (int(res.memory_mib * 1024**2) if res.memory_mib else None)
         if memory:
             host["Memory"] = host["MemorySwap"] = memory  # no swap: over the limit is an OOM kill, not a crawl
         cpus = opts.cpus or res.cpu
@@ -84,7 +75,7 @@ class DockerBackend(JobBackend):
             count = -1 if str(gpus) == "all" else int(gpus)
             host["DeviceRequests"] = [{"Driver": "", "Count": count, "Capabilities": [["gpu"]]}]
         if opts.shm_size:
-            host["ShmSize"] = parse_memory(opts.shm_size)
+            host["ShmSize"] = _wire.parse_memory(opts.shm_size)
         return host
 
     async def submit(self, job: Job) -> str:
@@ -92,7 +83,7 @@ class DockerBackend(JobBackend):
         import aiodocker
 
         body = {"Image": job.image, "Cmd": list(job.command), "User": job.options.user or NOBODY,
-                "Env": [f"{k}={v}" for k, v in {**job.env, "STEPFLOW_SECRETS_FILE": SECRETS_PATH}.items()],
+                "Env": [f"{k}={v}" for k, v in {**job.env, "STEPFLOW_SECRETS_FILE": _wire.SECRETS_PATH}.items()],
                 "Labels": {**job.labels, "stepflow.job": job.name}, "HostConfig": self._host_config(job)}
         try:
             container = await self._api(lambda d: d.containers.create(config=body, name=job.name))
@@ -106,7 +97,7 @@ class DockerBackend(JobBackend):
             return str(container.id)  # started already: never twice
         failpoint("docker.created")
         user = str(body["User"]).split(":")[0]
-        await self._api(lambda d: container.put_archive("/", secrets_tar(job.secrets, user)))
+        await self._api(lambda d: container.put_archive("/", _wire.secrets_tar(job.secrets, user)))
         try:
             await self._api(lambda d: container.start())
         except aiodocker.DockerError as exc:
@@ -174,11 +165,11 @@ class DockerBackend(JobBackend):
         for job_id, cursor in cursors.items():
             since, skip = cursor or ("", 0)
             frames = await self._api(lambda d, j=job_id, s=since: d.containers.container(j).log(
-                stdout=True, stderr=True, timestamps=True, since=since_param(s)))
+                stdout=True, stderr=True, timestamps=True, since=_wire.since_param(s)))
             lines, last, count = [], since, skip
             for raw in "".join(frames).splitlines():
                 stamp, _, text = raw.partition(" ")
-                stamp = norm_stamp(stamp)
+                stamp = _wire.norm_stamp(stamp)
                 if stamp < since or (stamp == since and skip > 0):
                     skip -= stamp == since
                     continue
