@@ -26,6 +26,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import stepflow
@@ -85,56 +86,10 @@ async def sf_run_subscribed(make: Callable[[], stepflow.Pipeline]) -> None:
 
 
 # ---------------------------------------------------------------- raw asyncio floor
+sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
+import _floor  # noqa: E402  (shared with workers/native_worker.py)
 
-
-class Floor:
-    """Hand-written executor with the same per-step bookkeeping as stepflow."""
-
-    def __init__(self) -> None:
-        self.status: dict[str, str] = {}
-        self.started: dict[str, float] = {}
-        self.finished: dict[str, float] = {}
-        self.outputs: dict[str, Any] = {}
-
-    async def one(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-        self.status[name] = "running"
-        self.started[name] = time.time()
-        out = await fn(*args)
-        self.finished[name] = time.time()
-        self.status[name] = "succeeded"
-        self.outputs[name] = out
-        return out
-
-
-async def _src() -> int:
-    return 1
-
-
-async def _noop(x: int) -> int:
-    return x
-
-
-async def _nap(seconds: float) -> float:
-    await asyncio.sleep(seconds)
-    return seconds
-
-
-async def floor_fanout(n: int) -> None:
-    f = Floor()
-    root = await f.one("source", _src)
-    await asyncio.gather(*(f.one(f"noop_{i}", _noop, root) for i in range(n)))
-
-
-async def floor_chain(n: int) -> None:
-    f = Floor()
-    prev = await f.one("source", _src)
-    for i in range(n):
-        prev = await asyncio.create_task(f.one(f"noop_{i}", _noop, prev))
-
-
-async def floor_sleep(n: int, seconds: float) -> None:
-    f = Floor()
-    await asyncio.gather(*(f.one(f"nap_{i}", _nap, seconds) for i in range(n)))
+floor_fanout, floor_chain, floor_sleep = _floor.fanout, _floor.chain, _floor.sleep
 
 
 # ---------------------------------------------------------------- harness

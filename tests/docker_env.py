@@ -182,3 +182,93 @@ def containers_created(run_id: str, since: str) -> list[str]:
                           "--format", "{{json .Actor.Attributes}}"], capture_output=True, text=True, timeout=60,
                          check=True)
     return [json.loads(line)["stepflow.step"] for line in out.stdout.splitlines() if line.strip()]
+
+
+def shared_pipes(operator: str) -> str:
+    """Pipelines every remote backend's tests run, with their remote steps on ``operator``.
+
+    ``square``/``many`` (parallel steps), ``nap``/``sleepy``/``naps`` (a job to cancel or kill)
+    and ``broken``/``failing`` (a remote traceback); a backend's tests append their own.
+    """
+    import textwrap
+
+    return textwrap.dedent(
+        f'''
+        import os
+        import time
+
+        from stepflow import pipeline, step
+
+
+        @step(step_operator="{operator}")
+        def square(x: int) -> int:
+            return x * x
+
+
+        @pipeline
+        def many(n: int = 8):
+            return [square(i) for i in range(n)]
+
+
+        @step(step_operator="{operator}")
+        def nap(seconds: float) -> float:
+            print("napping", flush=True)
+            time.sleep(seconds)
+            return seconds
+
+
+        @step
+        def after_nap(x: float) -> str:
+            return f"slept {{x}}"
+
+
+        @pipeline
+        def sleepy(seconds: float = 6.0):
+            return after_nap(nap(seconds))
+
+
+        @pipeline
+        def naps(n: int = 4, seconds: float = 60.0):
+            return [nap(seconds) for _ in range(n)]
+
+
+        @step(step_operator="{operator}")
+        def broken(x: int) -> int:
+            values = {{"a": 1}}
+            return values["missing"] + x
+
+
+        @pipeline
+        def failing():
+            broken(1)
+        '''
+    )
+
+
+async def run_with_events(p: Any, **kw: Any) -> tuple[Any, list[Any]]:
+    """``run(p, **kw)`` and every event it published (a lossless capture)."""
+    from stepflow import EventBus, run
+    from stepflow.testing import capture_events
+
+    bus = EventBus()
+    async with capture_events(bus) as events:
+        result = await run(p, event_bus=bus, **kw)
+    return result, list(events)
+
+
+def register_docker_stack(project: Any, name: str = "docker_stack") -> str:
+    """Registry (own prefix), docker builder and operator for ``project``, a stack using them: active.
+
+    Returns the registry prefix (remove its local images when done).
+    """
+    from stepflow._stack.client import Client
+
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    c = Client()
+    c.register_component("container_registry", "reg", "default", {"uri": f"{REGISTRY}/{prefix}"})
+    c.register_component("image_builder", "docker", "docker", {})
+    c.register_component("step_operator", "docker", "docker", {"project_root": str(project)})
+    c.register_stack(name, artifact_store="default", container_registry="reg", image_builder="docker",
+                     step_operators=["docker", "local"])
+    c.set_active_stack(name)
+    return prefix

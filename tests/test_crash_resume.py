@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from stepflow._stack.client import Client
 from stepflow._store import keys
 from stepflow._store.outputs import load_outputs
 from stepflow._store.runs import RunStore
@@ -34,6 +33,7 @@ from tests.docker_env import (
     cli_environ,
     containers_created,
     docker_test,
+    register_docker_stack,
     remove_local_images,
     stepflow_cli,
     write_project,
@@ -74,14 +74,7 @@ PIPES = textwrap.dedent(
 def project(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     root = tmp_path / "proj"
     module = write_project(root, PIPES)
-    prefix = f"t-{uuid.uuid4().hex[:8]}"
-    c = Client()
-    c.register_component("container_registry", "reg", "default", {"uri": f"{REGISTRY}/{prefix}"})
-    c.register_component("image_builder", "docker", "docker", {})
-    c.register_component("step_operator", "docker", "docker", {"project_root": str(root)})
-    c.register_stack("docker_stack", artifact_store="default", container_registry="reg", image_builder="docker",
-                     step_operators=["docker"])
-    c.set_active_stack("docker_stack")
+    prefix = register_docker_stack(root)
     yield root, module
     remove_local_images(f"{REGISTRY}/{prefix}/")
 

@@ -31,16 +31,17 @@ from stepflow.events import (
     LogLine,
     StepCancelled,
 )
-from tests.docker_env import REGISTRY, docker_test, remove_local_images
+from tests.docker_env import (
+    REGISTRY,
+    docker_test,
+    register_docker_stack,
+    remove_local_images,
+    run_with_events,
+    shared_pipes,
+)
 
-PIPES = textwrap.dedent(
+PIPES = shared_pipes("docker") + textwrap.dedent(
     '''
-    import os
-    import time
-
-    from stepflow import pipeline, step
-
-
     @step
     def load(n: int = 5) -> list[int]:
         return list(range(n))
@@ -60,44 +61,6 @@ PIPES = textwrap.dedent(
     @pipeline
     def three(lr: float = 0.5):
         return evaluate(train(load(), lr=lr))
-
-
-    @step(step_operator="docker")
-    def square(x: int) -> int:
-        return x * x
-
-
-    @pipeline
-    def eight():
-        return [square(i) for i in range(8)]
-
-
-    @step(step_operator="docker")
-    def nap(seconds: float) -> float:
-        print("napping", flush=True)
-        time.sleep(seconds)
-        return seconds
-
-
-    @step
-    def after_nap(x: float) -> str:
-        return f"slept {x}"
-
-
-    @pipeline
-    def sleepy(seconds: float = 6.0):
-        return after_nap(nap(seconds))
-
-
-    @step(step_operator="docker")
-    def broken(x: int) -> int:
-        values = {"a": 1}
-        return values["missing"] + x
-
-
-    @pipeline
-    def failing():
-        broken(1)
 
 
     @step(step_operator="docker", settings={"docker": {"memory": "48m"}})
@@ -133,25 +96,11 @@ def module_of(project: Path) -> Any:
 
 
 @pytest.fixture
-def docker_stack(project: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+def docker_stack(project: Path) -> Iterator[str]:
     """Registry (own prefix), docker image builder, docker step operator, stack: active."""
-    prefix = f"t-{uuid.uuid4().hex[:8]}"
-    c = Client()
-    c.register_component("container_registry", "reg", "default", {"uri": f"{REGISTRY}/{prefix}"})
-    c.register_component("image_builder", "docker", "docker", {})
-    c.register_component("step_operator", "docker", "docker", {"project_root": str(project)})
-    c.register_stack("docker_stack", artifact_store="default", container_registry="reg",
-                     image_builder="docker", step_operators=["docker", "local"])
-    c.set_active_stack("docker_stack")
+    prefix = register_docker_stack(project)
     yield prefix
     remove_local_images(f"{REGISTRY}/{prefix}/")
-
-
-async def run_with_events(p: Any, **kw: Any) -> tuple[Any, list[Any]]:
-    bus = EventBus()
-    async with bus.subscribe() as events:
-        result = await run(p, event_bus=bus, **kw)
-        return result, events.pending()
 
 
 def containers_for(run_id: str) -> list[str]:
@@ -187,7 +136,7 @@ async def test_three_step_pipeline_with_the_middle_step_in_a_container(project: 
 @docker_test
 async def test_eight_parallel_docker_steps_share_one_build(project: Path, docker_stack: str) -> None:
     mod = module_of(project)
-    result, events = await run_with_events(mod.eight())
+    result, events = await run_with_events(mod.many(8))
     assert result.status == "succeeded"
     assert result.output == [i * i for i in range(8)]
     finished = [e for e in events if isinstance(e, ImageBuildFinished)]

@@ -42,7 +42,7 @@ from stepflow.events import (
     LogLine,
     StepCancelled,
 )
-from tests.docker_env import REGISTRY, docker_test, remove_local_images, require_docker
+from tests.docker_env import REGISTRY, docker_test, remove_local_images, require_docker, run_with_events, shared_pipes
 from tests.services import AWS_TEST_REGION, aws_env, moto_server
 
 __all__ = ["moto_server"]
@@ -50,14 +50,8 @@ __all__ = ["moto_server"]
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 MODULE = f"smpipes_{uuid.uuid4().hex[:8]}"
 
-PIPES = textwrap.dedent(
+PIPES = shared_pipes("sagemaker") + textwrap.dedent(
     '''
-    import os
-    import time
-
-    from stepflow import pipeline, step
-
-
     @step
     def load(n: int = 4) -> list[int]:
         return list(range(n))
@@ -80,49 +74,6 @@ PIPES = textwrap.dedent(
     @pipeline
     def walkthrough(lr: float = 0.5):
         return evaluate(train(load(), lr=lr))
-
-
-    @step(custom_step_operator="sagemaker")
-    def square(x: int) -> int:
-        return x * x
-
-
-    @pipeline
-    def many(n: int = 20):
-        return [square(i) for i in range(n)]
-
-
-    @step(custom_step_operator="sagemaker")
-    def nap(seconds: float) -> float:
-        print("napping", flush=True)
-        time.sleep(seconds)
-        return seconds
-
-
-    @step
-    def after_nap(x: float) -> str:
-        return f"slept {x}"
-
-
-    @pipeline
-    def sleepy(seconds: float = 60.0):
-        return after_nap(nap(seconds))
-
-
-    @pipeline
-    def naps(n: int = 4, seconds: float = 60.0):
-        return [nap(seconds) for _ in range(n)]
-
-
-    @step(custom_step_operator="sagemaker")
-    def broken(x: int) -> int:
-        values = {"a": 1}
-        return values["missing"] + x
-
-
-    @pipeline
-    def failing():
-        broken(1)
 
 
     @step(custom_step_operator="sagemaker", settings={"sagemaker": {"environment": {"BIG": "x" * 600}}})
@@ -235,13 +186,6 @@ def sm_stack(env: dict[str, str], sagemaker: Any, bucket: str, shared: dict[str,
 
 def pipes() -> Any:
     return importlib.import_module(MODULE)
-
-
-async def run_with_events(p: Any, **kw: Any) -> tuple[Any, list[Any]]:
-    bus = EventBus()
-    async with bus.subscribe() as events:
-        result = await run(p, event_bus=bus, **kw)
-        return result, events.pending()
 
 
 def sm_client(backend: Any) -> Any:

@@ -27,14 +27,23 @@ from typing import Any
 
 import pytest
 
-from stepflow import EventBus, run
 from stepflow import _envelope as envelope
+from stepflow import run
 from stepflow._stack.client import Client
 from stepflow._store import keys
 from stepflow.errors import PayloadError
 from stepflow.events import LogLine
 from stepflow.remote import _keys as job_keys
-from tests.docker_env import REGISTRY, cli_environ, docker_test, remove_local_images, stepflow_cli, write_project
+from tests.docker_env import (
+    REGISTRY,
+    cli_environ,
+    docker_test,
+    register_docker_stack,
+    remove_local_images,
+    run_with_events,
+    stepflow_cli,
+    write_project,
+)
 from tests.services import AWS_TEST_REGION, aws_env, moto_server
 
 __all__ = ["moto_server"]
@@ -107,14 +116,7 @@ def _strings(value: Any) -> Iterator[str]:
 def docker_project(tmp_path: Path) -> Iterator[tuple[Path, str, str]]:
     root = tmp_path / "proj"
     module = write_project(root, PIPES, "secpipes")
-    prefix = f"t-sec-{uuid.uuid4().hex[:8]}"
-    c = Client()
-    c.register_component("container_registry", "reg", "default", {"uri": f"{REGISTRY}/{prefix}"})
-    c.register_component("image_builder", "docker", "docker", {})
-    c.register_component("step_operator", "docker", "docker", {"project_root": str(root)})
-    c.register_stack("docker_stack", artifact_store="default", container_registry="reg", image_builder="docker",
-                     step_operators=["docker"])
-    c.set_active_stack("docker_stack")
+    prefix = register_docker_stack(root)
     yield root, module, prefix
     remove_local_images(f"{REGISTRY}/{prefix}/")
 
@@ -200,18 +202,11 @@ async def test_a_payload_forged_with_what_docker_inspect_shows_is_refused(
                     k: header[k] for k in ("run_id", "step", "attempt", "job", "output_key")}))
             return await super().submit(job)
 
-    result, events = await _run_with_events(mod.one(0.2), {"docker": docker_operator(Replaced, root)})
+    result, events = await run_with_events(mod.one(0.2), operators={"docker": docker_operator(Replaced, root)})
     assert result.status == "failed"
     logs = "\n".join(e.line for e in events if isinstance(e, LogLine))
     assert "does not match the sha256 its job was started with" in logs
     assert not marker.exists()
-
-
-async def _run_with_events(p: Any, operators: dict[str, Any]) -> tuple[Any, list[Any]]:
-    bus = EventBus()
-    async with bus.subscribe() as sub:
-        result = await run(p, event_bus=bus, operators=operators)
-        return result, sub.pending()
 
 
 # ------------------------------------------------------------------ tampered outputs on resume
@@ -308,8 +303,10 @@ def test_resume_reuses_verified_outputs_and_runs_no_finished_step_again(tmp_path
 
 
 # ------------------------------------------------------------------ what an image ships
-def image_files(ref: str) -> set[str]:
-    """Every path in every layer of ``ref``, read from the registry."""
+def image_layers(ref: str) -> list[bytes]:
+    """Every layer of ``ref`` as the registry serves it (digests checked), uncompressed."""
+    import gzip
+
     import anyio
 
     from stepflow.remote import RegistryClient
@@ -317,17 +314,21 @@ def image_files(ref: str) -> set[str]:
     name, tag = ref.rsplit(":", 1)
     host, _, repo = name.partition("/")
 
-    async def read() -> set[str]:
-        found: set[str] = set()
+    async def read() -> list[bytes]:
         async with RegistryClient(host) as client:
             _, manifest = await client.get_manifest(repo, tag)
-            for layer in manifest["layers"]:
-                blob = await client.get_blob(repo, layer["digest"])
-                with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-                    found.update(m.name for m in tar.getmembers())
-        return found
+            return [await client.get_blob(repo, layer["digest"]) for layer in manifest["layers"]]
 
-    return anyio.run(read)
+    return [gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob for blob in anyio.run(read)]
+
+
+def image_files(ref: str) -> set[str]:
+    """Every path in every layer of ``ref``, read from the registry."""
+    found: set[str] = set()
+    for layer in image_layers(ref):
+        with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+            found.update(m.name for m in tar.getmembers())
+    return found
 
 
 @docker_test
@@ -423,35 +424,8 @@ def test_no_secret_value_in_store_image_job_description_or_events(tmp_path: Path
         if (home / name).exists():
             haystacks[name] = (home / name).read_bytes()
     pushed = [json.loads(line) for line in events.read_text().splitlines() if '"ImagePushed"' in line]
-    files = _image_bytes(pushed[0]["image"])
-    haystacks["image"] = files
+    haystacks["image"] = b"".join(image_layers(pushed[0]["image"]))
     for where, data in haystacks.items():
         assert secret.encode() not in data, f"the store secret is in {where}"
         assert password.encode() not in data, f"the registry password is in {where}"
     remove_local_images(f"{REGISTRY}/{prefix}/")
-
-
-def _image_bytes(ref: str) -> bytes:
-    import anyio
-
-    from stepflow.remote import RegistryClient
-
-    name, tag = ref.rsplit(":", 1)
-    host, _, repo = name.partition("/")
-
-    async def read() -> bytes:
-        out = b""
-        async with RegistryClient(host) as client:
-            _, manifest = await client.get_manifest(repo, tag)
-            for layer in manifest["layers"]:
-                out += await client.get_blob(repo, layer["digest"])
-        return out
-
-    import gzip
-
-    raw = anyio.run(read)
-    try:
-        return gzip.decompress(raw)
-    except OSError:
-        return raw
-

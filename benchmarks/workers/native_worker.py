@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 import tracemalloc
 from typing import Any
 
+import _floor
 import _harness as h
 
 import stepflow
@@ -105,38 +105,7 @@ def sf_result_once(workload: str, n: int) -> None:
 
 
 # ---------------------------------------------------------------- raw asyncio floor
-
-
-class Floor:
-    """Hand-written executor with the same per-step bookkeeping as stepflow."""
-
-    def __init__(self) -> None:
-        self.status: dict[str, str] = {}
-        self.started: dict[str, float] = {}
-        self.finished: dict[str, float] = {}
-        self.outputs: dict[str, Any] = {}
-
-    async def one(self, name: str, fn: Any, *args: Any) -> Any:
-        self.status[name] = "running"
-        self.started[name] = time.time()
-        out = await fn(*args)
-        self.finished[name] = time.time()
-        self.status[name] = "succeeded"
-        self.outputs[name] = out
-        return out
-
-
-async def _src() -> int:
-    return 1
-
-
-async def _noop(x: int) -> int:
-    return x
-
-
-async def _nap(seconds: float) -> float:
-    await asyncio.sleep(seconds)
-    return seconds
+Floor = _floor.Floor
 
 
 async def _payload() -> bytes:
@@ -151,22 +120,8 @@ async def _join(parts: list[bytes]) -> int:
     return h.join_sizes(parts)
 
 
-async def floor_fanout(n: int) -> None:
-    f = Floor()
-    root = await f.one("source", _src)
-    await asyncio.gather(*(f.one(f"noop_{i}", _noop, root) for i in range(n)))
-
-
-async def floor_chain(n: int) -> None:
-    f = Floor()
-    prev = await f.one("source", _src)
-    for i in range(n):
-        prev = await asyncio.create_task(f.one(f"noop_{i}", _noop, prev))
-
-
 async def floor_sleep(n: int) -> None:
-    f = Floor()
-    await asyncio.gather(*(f.one(f"nap_{i}", _nap, h.SLEEP_SECONDS) for i in range(n)))
+    await _floor.sleep(n, h.SLEEP_SECONDS)
 
 
 async def floor_diamond(n: int) -> None:
@@ -176,8 +131,8 @@ async def floor_diamond(n: int) -> None:
     assert await f.one("join", _join, parts) == n * h.PAYLOAD_BYTES
 
 
-FL = {"fanout": floor_fanout, "chain": floor_chain, "sleep": floor_sleep, "diamond": floor_diamond,
-      "memory": floor_fanout}
+FL = {"fanout": _floor.fanout, "chain": _floor.chain, "sleep": floor_sleep, "diamond": floor_diamond,
+      "memory": _floor.fanout}
 
 
 def floor_once(workload: str, n: int) -> None:
