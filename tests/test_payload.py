@@ -204,3 +204,17 @@ def test_missing_token_or_pin_is_explained(tmp_path: Path) -> None:
     assert out.returncode == 2 and "the job has no token" in out.stderr
     out = run_entrypoint(payload)  # no pin
     assert out.returncode == 2 and f"{keys.PAYLOAD_SHA_ENV} is not set" in out.stderr
+
+
+def where_am_i() -> tuple[str, str, int]:
+    import stepflow
+
+    ctx = stepflow.current_step()
+    assert ctx is not None
+    return ctx.run_id, ctx.step, ctx.attempt
+
+
+def test_current_step_answers_inside_the_job(tmp_path: Path) -> None:
+    payload, out = run_pinned(tmp_path, payload_bytes(where_am_i))
+    assert out.returncode == 0, out.stderr
+    assert read_output(payload)["value"] == ("r1", "s", 1)

@@ -69,12 +69,18 @@ def _error(exc: BaseException, *, message: str | None = None) -> dict[str, Any]:
     }
 
 
+_STEP: Any = None
+
+
 def _set_step_context(payload: dict[str, Any]) -> None:
     """Make ``stepflow.current_step()`` work inside the step, as it does in-process."""
     from stepflow import running_step
 
-    # The whole child process is this one step: entered, never left.
-    running_step(payload["run_id"], payload["step"], payload["attempt"], payload.get("pipeline", "")).__enter__()
+    # The whole child process is this one step: entered, never left (kept referenced: a collected
+    # context manager would reset the context when its generator is finalized).
+    global _STEP
+    _STEP = running_step(payload["run_id"], payload["step"], payload["attempt"], payload.get("pipeline", ""))
+    _STEP.__enter__()
 
 
 def _run(payload: dict[str, Any]) -> dict[str, Any]:
