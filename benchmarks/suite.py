@@ -46,7 +46,7 @@ REQUIREMENTS = HERE / "requirements"
 
 HEAVY = ("prefect", "dagster")
 WORKLOADS = ("fanout-1k", "fanout-10k", "chain-1k", "sleep-200", "diamond-100", "memory-100k", "remote-1k",
-             "image-cache")
+             "image-cache", "persisted-cli")
 DESCRIPTIONS = {
     "fanout-1k": "1 source step + 1,000 no-op steps reading its output",
     "fanout-10k": "1 source step + 10,000 no-op steps (Prefect/Dagster: N calibrated to ~2 min)",
@@ -54,7 +54,8 @@ DESCRIPTIONS = {
     "sleep-200": "200 independent steps each sleeping 0.5 s (true concurrency; ideal wall 0.5 s)",
     "diamond-100": "source -> 100 steps each turning a 1 MB payload into a new 1 MB one -> join of all 100",
     "memory-100k": "tracemalloc peak / steps while building + running a 100k fan-out (and chain)",
-    "remote-1k": "1,000 concurrent remote steps against an in-process HTTP fake backend",
+    "remote-1k": "concurrent remote steps on the in-process FakeJobBackend through the shared status/log loops",
+    "persisted-cli": "`stepflow run` of 2,000 no-op steps with the run store on, vs the in-process API",
     "image-cache": "step image: cold build, warm unchanged rerun, one source file changed (real dockerd)",
 }
 TARGET_SECONDS = 120.0  # Prefect/Dagster fan-out: N so that one repetition takes about this long
@@ -179,6 +180,7 @@ class Suite:
     rows: list[dict[str, Any]] = field(default_factory=list)
     remote: list[dict[str, Any]] = field(default_factory=list)
     images: dict[str, Any] | None = None
+    persisted: dict[str, Any] | None = None
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -395,6 +397,22 @@ class Suite:
                      f"wheels downloaded {ph['wheels_downloaded']} built {ph['wheels_built']} "
                      f"reused {ph['wheels_reused']}")
 
+    def run_persisted(self) -> None:
+        if not self.wanted("persisted-cli"):
+            return
+        self.log(f"\npersisted-cli: {DESCRIPTIONS['persisted-cli']}")
+        with tempfile.TemporaryDirectory(prefix="stepflow-bench-") as tmp:
+            out = Path(tmp) / "persisted.json"
+            done = subprocess.run([sys.executable, str(HERE / "persisted_cli.py"), "--repeat",
+                                   "3" if self.plan.quick else "5", "--json", str(out)],
+                                  env=self.env_for("stepflow", Path(tmp)), capture_output=True, text=True, timeout=900)
+            if done.returncode != 0 or not out.exists():
+                self.skipped.append(f"persisted-cli: {done.stderr.strip()[-300:]}")
+                self.log(f"  FAILED persisted-cli: {done.stderr.strip()[-300:]}")
+                return
+            self.persisted = json.loads(out.read_text())
+        self.log("\n".join("  " + line for line in done.stdout.strip().splitlines()))
+
     # -- verdicts
     def find(self, workload: str, contender: str) -> dict[str, Any] | None:
         return next((r for r in self.rows if r["workload"] == workload and r["contender"] == contender), None)
@@ -452,6 +470,11 @@ class Suite:
                 add(f"remote {r['jobs']} jobs ({tag}): every job completes",
                     f"{r['succeeded']}/{r['jobs']} succeeded", "all", r["succeeded"] == r["jobs"],
                     "; ".join(f"{v} x {k}" for k, v in r["step_errors"].items()))
+        if self.persisted:
+            cli = self.persisted["cli_min_s"]
+            add("persisted CLI run of 2,000 no-op steps (whole process)", f"{cli:.3f} s",
+                f"<= {self.persisted['budget_cli_s']:g} s", cli <= self.persisted["budget_cli_s"],
+                "every step's output recorded" if self.persisted["recorded_ok"] else "OUTPUTS MISSING")
         if self.images:
             ph = {p["phase"]: p for p in self.images["phases"]}
             warm = ph.get("warm (unchanged)")
@@ -555,6 +578,7 @@ def row_order(r: dict[str, Any]) -> tuple[int, int]:
 def load(suite: Suite, old: dict[str, Any]) -> None:
     """Everything of a results file into ``suite`` (for --render-only)."""
     suite.rows, suite.remote, suite.images = old.get("rows", []), old.get("remote", []), old.get("images")
+    suite.persisted = old.get("persisted")
     suite.skipped, suite.notes = old.get("skipped", []), old.get("notes", [])
     suite.calibration, suite.versions = old.get("calibration", {}), old.get("versions", {})
 
@@ -569,6 +593,9 @@ def merge(suite: Suite, old: dict[str, Any]) -> str:
         suite.remote = old.get("remote", [])
     if "image-cache" not in ran:
         suite.images = old.get("images")
+    if "persisted-cli" not in ran:
+        suite.persisted = old.get("persisted")
+
     def redone(msg: str) -> bool:
         head = msg.split(":", 1)[0]
         return any(msg.startswith(w) for w in ran) and (" / " not in head or any(c in head for c in rerun))
@@ -656,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     suite.run_memory()
     suite.run_remote()
     suite.run_images()
+    suite.run_persisted()
     elapsed = time.perf_counter() - started
     name = a.output or ("quick" if a.quick else "latest")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -672,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
             "suite_seconds": elapsed, "plan": {"reps_native": plan.reps_native, "reps_heavy": plan.reps_heavy,
                                                "sizes": plan.sizes, "remote_jobs": plan.remote_jobs},
             "descriptions": DESCRIPTIONS, "calibration": suite.calibration, "rows": suite.rows,
-            "remote": suite.remote, "images": suite.images, "targets": targets, "skipped": suite.skipped,
+            "remote": suite.remote, "images": suite.images, "persisted": suite.persisted, "targets": targets, "skipped": suite.skipped,
             "notes": suite.notes}
     if updated_from is not None:
         data["updated"] = {"workloads": [w for w in WORKLOADS if suite.wanted(w)], "previous_date": updated_from}
