@@ -272,7 +272,9 @@ def test_import_and_flavor_listing_import_no_sdk(tmp_path: Path) -> None:
         "    assert registry.load('artifact_store', n).is_remote\n"
         "c.register_component('artifact-store', 's3-store', 's3', {'path': 's3://b/p', 'secret': 'x'})\n"
         "c.describe_component('artifact-store', 's3-store')\n"
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(SDK_MODULES)!r}))\n"
+        # namespace packages (a bare `google` made by a .pth file at startup) carry no code: not counted
+        f"print(sorted(m for m, mod in list(sys.modules.items()) if m.split('.')[0] in {sorted(SDK_MODULES)!r} "
+        "and getattr(mod, '__file__', None)))\n"
     )
     env = dict(os.environ, STEPFLOW_HOME=str(tmp_path / "home"))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)

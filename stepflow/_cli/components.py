@@ -354,8 +354,9 @@ def _stack_options(register: bool) -> Callable[[Callable[..., Any]], Callable[..
         click.option("-a", "--artifact-store", metavar="NAME",
                      help="Artifact store" + (" (required)." if register else ".")),
         click.option("-c", "--container-registry", metavar="NAME", help="Container registry." + empty),
-        click.option("-s", "--step-operator", "step_operators", metavar="NAME", multiple=True,
-                     help="Step operator (repeat for several)." + clear),
+        click.option("-s", "--step-operator", "step_operators", metavar="[ALIAS=]NAME", multiple=True,
+                     help="Step operator (repeat for several). ALIAS=NAME lets steps that name ALIAS run on NAME in "
+                          "this stack, so one pipeline moves between stacks unchanged." + clear),
         click.option("-i", "--image-builder", metavar="NAME", help="Image builder." + empty),
         click.option("-e", "--event-sink", "event_sinks", metavar="NAME", multiple=True,
                      help="Event sink (repeat for several)." + clear),
@@ -493,9 +494,11 @@ def _print_stack(client: Client, stack: StackModel, details: bool) -> None:
             console.print(f"  {label:<19} {_esc(value)}")
         return
     console.print(f"stack [bold]{_esc(stack.name)}[/]{' (active)' if stack.is_active else ''}")
+    alias_of = {comp: alias for alias, comp in stack.operator_aliases}
     for kind, name in stack.members():
         info = client.describe_component(kind, name)
-        console.print(f"  {_label(kind):<19} [bold]{_esc(name)}[/] (flavor {_esc(info['flavor'])})")
+        alias = f" as {_esc(alias_of[name])}" if kind == "step_operator" and name in alias_of else ""
+        console.print(f"  {_label(kind):<19} [bold]{_esc(name)}[/]{alias} (flavor {_esc(info['flavor'])})")
         if "error" in info:
             console.print(f"      [red]flavor failed to load:[/] {_esc(info['error'])}")
         for key, value in info["config"].items():

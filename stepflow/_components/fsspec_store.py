@@ -116,6 +116,8 @@ class FsspecArtifactStore(ArtifactStore):
     secret_options: ClassVar[frozenset[str]] = frozenset()
     #: Storage options that only make sense on the runner's machine (profiles, local files).
     host_only_options: ClassVar[frozenset[str]] = frozenset()
+    #: Values of a secret option that name a mode, not a credential (gcsfs's token="anon").
+    public_modes: ClassVar[frozenset[str]] = frozenset()
 
     def job_storage_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(public, secret)`` options for jobs; host-only ones (a profile name) are left out."""
@@ -124,7 +126,8 @@ class FsspecArtifactStore(ArtifactStore):
         for key, value in self.storage_options().items():
             if key in self.host_only_options:
                 continue
-            (secret if key in self.secret_options else public)[key] = value
+            credential = key in self.secret_options and value not in self.public_modes
+            (secret if credential else public)[key] = value
         return public, secret
 
     @property
@@ -261,6 +264,7 @@ class GCSArtifactStore(FsspecArtifactStore):
     sdk = "gcsfs"
     image_requirements = ("gcsfs",)
     secret_options = frozenset({"token"})
+    public_modes = frozenset({"anon", "google_default", "cloud"})
 
     def _options_from(self, config: Any) -> dict[str, Any]:
         opts = {k: getattr(config, k, None) for k in ("project", "endpoint_url", "token")}

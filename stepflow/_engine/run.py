@@ -41,6 +41,7 @@ def resolve_operators(
     resolved: dict[str, StepOperator] = {}
     missing: dict[str, list[str]] = {}
     stack_ops = set(stack.step_operators) if stack is not None else set()
+    aliases = stack.aliases if stack is not None else {}
     for node in pipeline.nodes:
         op = node.step.step_operator
         if op is None or op in resolved or op in missing:
@@ -51,12 +52,14 @@ def resolve_operators(
             resolved[op] = given[op]
         elif op in stack_ops:
             resolved[op] = client.instantiate("step_operator", op)
+        elif op in aliases:  # the stack says which of its operators the name means here
+            resolved[op] = client.instantiate("step_operator", aliases[op])
         elif op == "local":
             resolved[op] = LocalStepOperator()
         else:
             missing[op] = [node.name]
     if missing:
-        known = sorted({*given, *stack_ops, "local"})
+        known = sorted({*given, *stack_ops, *aliases, "local"})
         where = f" in stack '{stack.name}'" if stack is not None else ""
         lines = [
             f"step{'s' if len(steps) > 1 else ''} {', '.join(repr(s) for s in steps[:5])}"

@@ -57,6 +57,14 @@ class StackModel:
     step_operators: tuple[str, ...] = ()
     event_sinks: tuple[str, ...] = ()
     is_active: bool = False
+    #: ``(alias, component)``: steps naming the alias run on that step operator of this stack, so
+    #: one pipeline moves between stacks (``-s trainer=sagemaker`` here, ``-s trainer=vertex`` there).
+    operator_aliases: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Alias -> step operator component."""
+        return dict(self.operator_aliases)
 
     def members(self) -> list[tuple[str, str]]:
         """``(kind, name)`` of every component in the stack."""
@@ -108,7 +116,8 @@ class Client:
                                (kind, name, flavor, now, now))
                 db.execute("INSERT OR IGNORE INTO stacks VALUES (?, ?, ?)", (DEFAULT_STACK, now, now))
                 for pos, (kind, name, _) in enumerate(DEFAULT_COMPONENTS):
-                    db.execute("INSERT OR IGNORE INTO stack_members VALUES (?, ?, ?, ?)",
+                    db.execute("INSERT OR IGNORE INTO stack_members (stack, kind, component, position) "
+                               "VALUES (?, ?, ?, ?)",
                                (DEFAULT_STACK, kind, name, pos))
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('active_stack', ?)", (DEFAULT_STACK,))
                 db.execute("INSERT INTO meta VALUES ('bootstrapped', '1')")
@@ -300,8 +309,9 @@ class Client:
                        event_sinks: Sequence[str] = ()) -> StackModel:
         """Register a stack after checking its components exist and fit together."""
         _check_name(name, "stack")
-        stack = StackModel(name, artifact_store, container_registry, image_builder,
-                           tuple(dict.fromkeys(step_operators)), tuple(dict.fromkeys(event_sinks)))
+        operators, aliases = _split_aliases(step_operators)
+        stack = StackModel(name, artifact_store, container_registry, image_builder, operators,
+                           tuple(dict.fromkeys(event_sinks)), operator_aliases=aliases)
         self._validate_stack(stack)
         now = Store.now()
         with self._db().write() as db:
@@ -320,9 +330,10 @@ class Client:
         if unknown:
             raise ConfigError(f"unknown stack field(s) {', '.join(sorted(unknown))}; valid: "
                               f"{', '.join(sorted(valid))}")
-        for key in ("step_operators", "event_sinks"):
-            if key in changes:
-                changes[key] = tuple(dict.fromkeys(changes[key]))
+        if "step_operators" in changes:
+            changes["step_operators"], changes["operator_aliases"] = _split_aliases(changes["step_operators"])
+        if "event_sinks" in changes:
+            changes["event_sinks"] = tuple(dict.fromkeys(changes["event_sinks"]))
         stack = attrs.evolve(current, **changes)
         self._validate_stack(stack)
         with self._db().write() as db:
@@ -351,17 +362,21 @@ class Client:
         if not db.read("SELECT 1 FROM stacks WHERE name = ?", (name,)):
             names = [r["name"] for r in db.read("SELECT name FROM stacks ORDER BY name")]
             raise NotFoundError(f"no stack named '{name}'; registered stacks: {', '.join(names)}")
-        rows = db.read("SELECT kind, component FROM stack_members WHERE stack = ? ORDER BY position",
+        rows = db.read("SELECT kind, component, alias FROM stack_members WHERE stack = ? ORDER BY position",
                        (name,))
         fields: dict[str, Any] = {"step_operators": [], "event_sinks": []}
+        aliases = []
         for r in rows:
             if r["kind"] in SINGLE_KINDS:
                 fields[r["kind"]] = r["component"]
             else:
                 fields[r["kind"] + "s"].append(r["component"])
+            if r["alias"]:
+                aliases.append((r["alias"], r["component"]))
         return StackModel(name, fields.get("artifact_store", ""), fields.get("container_registry"),
                           fields.get("image_builder"), tuple(fields["step_operators"]),
-                          tuple(fields["event_sinks"]), is_active=name == self.active_stack_name())
+                          tuple(fields["event_sinks"]), is_active=name == self.active_stack_name(),
+                          operator_aliases=tuple(aliases))
 
     def list_stacks(self) -> list[StackModel]:
         """Every stack, by name."""
@@ -436,8 +451,34 @@ def _write_members(db: Any, stack: StackModel) -> None:
             if db.execute("SELECT 1 FROM components WHERE kind = ? AND name = ?", (k, c)).fetchone() is None]
     if gone:
         raise NotFoundError(f"stack '{stack.name}': {', '.join(gone)} no longer exist(s) (deleted meanwhile)")
+    alias_of = {comp: alias for alias, comp in stack.operator_aliases}
     for pos, (kind, comp) in enumerate(stack.members()):
-        db.execute("INSERT INTO stack_members VALUES (?, ?, ?, ?)", (stack.name, kind, comp, pos))
+        alias = alias_of.get(comp) if kind == "step_operator" else None
+        db.execute("INSERT INTO stack_members (stack, kind, component, position, alias) VALUES (?, ?, ?, ?, ?)",
+                   (stack.name, kind, comp, pos, alias))
+
+
+def _split_aliases(entries: Sequence[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """``["trainer=vertex", "local"]`` -> components ``("vertex", "local")``, aliases ``(("trainer", "vertex"),)``."""
+    components: list[str] = []
+    aliases: list[tuple[str, str]] = []
+    for entry in entries:
+        alias, sep, component = str(entry).partition("=")
+        if not sep:
+            alias, component = "", alias
+        component, alias = component.strip(), alias.strip()
+        if sep:
+            _check_name(alias, "step operator alias")
+            if any(a == alias for a, _ in aliases):
+                raise ConfigError(f"step operator alias '{alias}' is given twice")
+            aliases.append((alias, component))
+        if component not in components:
+            components.append(component)
+    taken = [a for a, _ in aliases if a in components]
+    if taken:
+        raise ConfigError(f"alias '{taken[0]}' is also the name of a step operator of the stack: give the alias "
+                          "another name")
+    return tuple(components), tuple(aliases)
 
 
 def _check_name(name: str, what: str) -> None:
@@ -463,7 +504,11 @@ def stack_summary(stack: StackModel) -> Iterable[tuple[str, str]]:
         if kind in SINGLE_KINDS:
             value = getattr(stack, kind) or "-"
         else:
-            value = ", ".join(getattr(stack, kind + "s")) or "-"
+            names = getattr(stack, kind + "s")
+            if kind == "step_operator":
+                alias_of = {comp: alias for alias, comp in stack.operator_aliases}
+                names = [f"{alias_of[n]}={n}" if n in alias_of else n for n in names]
+            value = ", ".join(names) or "-"
         yield KIND_LABELS[kind], value
 
 

@@ -73,6 +73,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN process TEXT;
     ALTER TABLE steps ADD COLUMN output BLOB;
     """,
+    # 5: a stack's alias for a step operator (-s trainer=vertex): one pipeline runs on any stack
+    """
+    ALTER TABLE stack_members ADD COLUMN alias TEXT;
+    """,
 ]
 
 
