@@ -208,9 +208,9 @@ async def test_twenty_parallel_steps_under_twenty_percent_quota_errors(vx_stack:
 
 @docker_test
 async def test_cancelling_the_run_cancels_every_custom_job(vx_stack: dict[str, Any]) -> None:
+    import grpc
     from google.cloud.aiplatform_v1 import JobServiceClient
     from google.cloud.aiplatform_v1.services.job_service.transports import JobServiceGrpcTransport
-    import grpc
 
     vertex = vx_stack["vertex"]
     bus = EventBus()
@@ -337,7 +337,7 @@ def test_resources_pick_the_cheapest_machine() -> None:
     from stepflow_vertex.machines import pick
 
     assert pick(4, None, None, None).machine_type == "e2-standard-4"
-    assert pick(8, 60, None, None).machine_type == "n1-highmem-8"
+    assert pick(8, 60, None, None).machine_type == "n2-highmem-8"  # n1-highmem-8 has 52 GiB
     assert pick(None, None, 1, "T4").describe().endswith("+ 1 x NVIDIA_TESLA_T4")
     assert pick(None, None, 1, "A100").machine_type == "a2-highgpu-1g"
     assert pick(None, None, 1, "L4").machine_type == "g2-standard-4"

@@ -395,24 +395,11 @@ def _installed() -> dict[str, md.Distribution]:
     return out
 
 
-def _local_plugins(installed: dict[str, md.Distribution]) -> list[str]:
-    """Installed distributions from a local directory that register ``stepflow.*`` entry points."""
-    names = []
-    for name, dist in sorted(installed.items()):
-        try:
-            groups = {ep.group for ep in dist.entry_points}
-        except Exception:  # a broken installation must not break every image
-            continue
-        if any(g.startswith("stepflow.") for g in groups) and _origin(dist)[0] == "local":
-            names.append(name)
-    return names
-
-
 def resolve_closure(requirements: Iterable[str],
                     target: WheelTarget | None = None) -> tuple[list[_Dist], list[str]]:
     """Every distribution to ship, and the pip install arguments of the roots.
 
-    Roots: stepflow, locally installed stepflow plugins and ``requirements``. Dependencies come
+    Roots: stepflow and ``requirements``. Dependencies come
     from the metadata of the versions installed here; environment markers are evaluated for this
     interpreter (the base image must run the same Python minor version) on the ``target``'s
     architecture, extras only when asked.
@@ -425,8 +412,10 @@ def resolve_closure(requirements: Iterable[str],
                "os_name": "posix", "python_version": f"{target.python[0]}.{target.python[1]}"}
     installed_dists = _installed()
     queue: deque[tuple[Any, str | None]] = deque()
-    for text in ["stepflow", *_local_plugins(installed_dists)]:
-        queue.append((Requirement(text), None))
+    # Only what a job runs: stepflow's entrypoint, the store's fsspec backend and the user's
+    # requirements. Plugins stay on the runner: shipping them (a cloud SDK each) would make every
+    # image carry every backend's dependencies.
+    queue.append((Requirement("stepflow"), None))
     for text in requirements:
         try:
             queue.append((Requirement(text), None))

@@ -30,14 +30,25 @@ def storage_options(secret: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return options
 
 
+def _filesystem(uri: str, options: Mapping[str, Any]) -> Any:
+    """The fsspec filesystem of ``uri`` (as the runner's artifact store builds it)."""
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme in ("gs", "gcs") and options.get("endpoint_url"):
+        # gcsfs's default class probes each bucket's layout over gRPC, which a custom endpoint
+        # (an emulator, a private gateway) does not serve: a 60 s timeout per call.
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
+    import fsspec
+
+    return fsspec.filesystem(scheme, skip_instance_cache=True, use_listings_cache=False, **options)
+
+
 def read_uri(uri: str, options: Mapping[str, Any] | None = None) -> bytes:
     """Bytes at ``uri`` (FileNotFoundError when absent)."""
     if is_local(uri):
         return Path(uri.removeprefix("file://")).read_bytes()
-    import fsspec
-
-    with fsspec.open(uri, "rb", **dict(options or {})) as fh:
-        return bytes(fh.read())
+    return bytes(_filesystem(uri, dict(options or {})).cat_file(uri))
 
 
 def write_uri(uri: str, data: bytes, options: Mapping[str, Any] | None = None) -> None:
@@ -49,7 +60,4 @@ def write_uri(uri: str, data: bytes, options: Mapping[str, Any] | None = None) -
         tmp.write_bytes(data)
         tmp.replace(path)
         return
-    import fsspec
-
-    with fsspec.open(uri, "wb", **dict(options or {})) as fh:
-        fh.write(data)
+    _filesystem(uri, dict(options or {})).pipe_file(uri, data)

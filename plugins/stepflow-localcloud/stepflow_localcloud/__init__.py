@@ -5,4 +5,6 @@ as containers on the local Docker daemon:
 
 - :mod:`stepflow_localcloud.sagemaker`: AWS SageMaker training jobs
   (``python -m stepflow_localcloud.sagemaker``).
+- :mod:`stepflow_localcloud.vertex`: Google Cloud Vertex AI custom jobs and their Cloud Logging
+  entries, over gRPC (``python -m stepflow_localcloud.vertex``).
 """

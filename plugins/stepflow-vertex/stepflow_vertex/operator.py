@@ -211,7 +211,7 @@ class VertexBackend(JobBackend):
         try:
             return await jobs.get_custom_job(name=job_id, retry=None, timeout=CALL_TIMEOUT)
         except Exception as exc:
-            if gcp.code(exc) == "NOT_FOUND":
+            if gcp.code(exc) in ("NOT_FOUND", "INVALID_ARGUMENT"):  # gone, or never a custom job's name
                 return None
             raise self._error(exc, f"GetCustomJob {job_id}") from exc
 

@@ -22,10 +22,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
-import aiodocker
-import aiohttp
 from aiohttp import web
 
+from .._docker import docker_client as _docker
 from .credentials import TEST_KEY, TEST_SECRET, CredentialsEndpoint, RoleCredentials
 from .cwlogs import LOG_GROUP
 from .jobs import INSTANCE_LABEL, DockerExecutor, TrainingJob, new_instance_id
@@ -414,27 +413,6 @@ def _decode_token(token: Any) -> list[Any]:
     if not isinstance(last, list) or len(last) != 2:
         raise validation_error("Invalid pagination token")
     return last
-
-
-@contextlib.asynccontextmanager
-async def _docker(url: str | None) -> Any:
-    """An aiodocker client without a cap on connections: each running job holds one (its log)."""
-    import os
-
-    host = url or os.environ.get("DOCKER_HOST")
-    if host is None:
-        host = next((f"unix://{p}" for p in ("/run/docker.sock", "/var/run/docker.sock") if os.path.exists(p)), None)
-    connector = None
-    if host is not None and host.startswith("unix://"):
-        connector = aiohttp.UnixConnector(host.removeprefix("unix://"), limit=0)
-        host = "unix://localhost"  # aiodocker's placeholder host for socket connections
-    docker = aiodocker.Docker(url=host, connector=connector)
-    try:
-        yield docker
-    finally:
-        await docker.close()
-        if connector is not None:
-            await connector.close()
 
 
 # -------------------------------------------------------------------- from synchronous code
