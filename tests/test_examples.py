@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import ROOT
 
@@ -36,3 +39,16 @@ def test_import_is_light_and_imports_no_cloud_sdk() -> None:
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("example", ["sagemaker", "vertex"])
+def test_the_cloud_examples_run_in_one_command(example: str, tmp_path: Path) -> None:
+    """`bash examples/<cloud>/run_local.sh`: local control plane, emulated storage, the job on Docker."""
+    from tests.docker_env import require_docker
+
+    require_docker()
+    env = {**os.environ, "STEPFLOW_HOME": str(tmp_path / "home"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", f"examples/{example}/run_local.sh", "--no-progress"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "y = 2.00x + -0.99" in done.stdout and "succeeded" in done.stdout

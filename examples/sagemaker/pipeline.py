@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import os
 import platform
-import random
 
+from examples import regression
 from stepflow import pipeline, step
 
-Rows = list[tuple[float, float]]
+Rows = regression.Rows
 
 
 @step
 def make_data(n: int = 300, seed: int = 3) -> Rows:
     """Synthesize y = 2x - 1 + noise (runs in-process)."""
-    rng = random.Random(seed)
-    return [(x, 2 * x - 1 + rng.gauss(0, 0.2)) for x in (rng.uniform(-3, 3) for _ in range(n))]
+    return regression.make_data(n, seed)
 
 
 @step(custom_step_operator="sagemaker", settings={"sagemaker": {"instance_type": "ml.m5.large"}})
@@ -28,13 +27,7 @@ def train(rows: Rows, epochs: int = 300, lr: float = 0.05) -> dict[str, float | 
     """Gradient descent in a training job: its prints reach CloudWatch Logs and stream back as log lines."""
     job = os.environ.get("TRAINING_JOB_NAME", "(not in a training job)")
     print(f"training job {job} on {platform.node()}, {len(rows)} rows", flush=True)
-    w = b = 0.0
-    for epoch in range(epochs):
-        gw = sum((w * x + b - y) * x for x, y in rows) * 2 / len(rows)
-        gb = sum((w * x + b - y) for x, y in rows) * 2 / len(rows)
-        w, b = w - lr * gw, b - lr * gb
-        if epoch % 100 == 0:
-            print(f"epoch {epoch}: w={w:.3f} b={b:.3f}", flush=True)
+    w, b = regression.fit(rows, epochs, lr)
     return {"w": w, "b": b, "job": job}
 
 
