@@ -404,3 +404,45 @@ def test_the_vertex_module_is_small_and_import_stepflow_loads_no_google_code() -
             "list(sys.modules.items()) if m.split('.')[0] in ('google', 'grpc') and getattr(mod, '__file__', None)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@docker_test
+async def test_quota_exhausted_at_every_try_is_a_clear_error(vx_stack: dict[str, Any]) -> None:
+    vertex = vx_stack["vertex"]
+    Client().update_component("step_operator", "vertex", {"submit_attempts": 2})
+    vertex.configure(resource_exhausted_rate=1.0)
+    try:
+        result = await run(pipes().failing())
+    finally:
+        vertex.configure(resource_exhausted_rate=0.0)
+    err = result.steps["broken"].error
+    assert result.status == "failed" and err is not None
+    assert "RESOURCE_EXHAUSTED" in err.message and "quota exhausted" in err.message
+    assert "ask for a quota increase" in err.message
+
+
+@docker_test
+async def test_a_job_cancelled_outside_stepflow_cancels_its_step(vx_stack: dict[str, Any]) -> None:
+    import grpc
+    from google.cloud.aiplatform_v1 import JobServiceClient
+    from google.cloud.aiplatform_v1.services.job_service.transports import JobServiceGrpcTransport
+
+    vertex = vx_stack["vertex"]
+    client = JobServiceClient(transport=JobServiceGrpcTransport(channel=grpc.insecure_channel(vertex.endpoint)))
+    bus = EventBus()
+    box: list[Any] = []
+    async with bus.subscribe() as events, anyio.create_task_group() as tg:
+        async def go() -> None:
+            box.append(await run(pipes().sleepy(120), event_bus=bus))
+
+        tg.start_soon(go)
+        seen: list[Any] = []
+        with anyio.fail_after(120):
+            while not any(isinstance(e, JobStatusChanged) and e.status == "RUNNING" for e in seen):
+                seen += events.pending()
+                await anyio.sleep(0.1)
+        job = next(e.job_id for e in seen if isinstance(e, JobSubmitted))
+        await anyio.to_thread.run_sync(lambda: client.cancel_custom_job(name=job))
+    nap = box[0].steps["nap"]
+    assert nap.status == "cancelled" and "outside stepflow" in (nap.reason or ""), (nap.status, nap.reason)
+    assert box[0].steps["after_nap"].status == "skipped"
