@@ -241,11 +241,12 @@ async def test_first_ensure_builds_pushes_and_the_image_runs(builder: Any, regis
     # Drop the local copy: `docker run` must pull what was pushed.
     await docker("rmi", ref)
     code = ("import os, json; listing = sorted(os.listdir('.')); "  # before imports write __pycache__
-            "import stepflow, anyio, attrs, cloudpickle, stepflow_docker, mypkg, train; "
+            "import importlib.util, stepflow, anyio, attrs, cloudpickle, mypkg, train; "
             "print(json.dumps([stepflow.__version__, train.main(), os.getcwd(), os.environ['PYTHONPATH'], "
-            "os.environ['STEPFLOW_TEST_ENV'], listing]))")
+            "os.environ['STEPFLOW_TEST_ENV'], listing, importlib.util.find_spec('stepflow_docker') is None]))")
     out = await docker("run", "--rm", "--network", "host", ref, "python3", "-c", code)
-    version, value, cwd, pythonpath, env_value, listing = json.loads(out.strip().splitlines()[-1])
+    version, value, cwd, pythonpath, env_value, listing, no_plugin = json.loads(out.strip().splitlines()[-1])
+    assert no_plugin  # plugins stay on the runner: a job runs stepflow's entrypoint only
     import stepflow
 
     assert version == stepflow.__version__
@@ -641,7 +642,7 @@ async def test_wheelhouse_is_chosen_for_the_target_not_the_host(wheel_cache: Pat
     metric("arm64_wheelhouse_seconds", time.perf_counter() - t0)
     binary = binary_platforms(arm_wheels)
     print("arm64 binary wheels:", *sorted(binary), sep="\n  ")
-    assert len(binary) >= 5  # aiohttp, cffi, cryptography, multidict, yarl... (dependencies of stepflow and plugins)
+    assert len(binary) >= 2  # cffi and cryptography (dependencies of stepflow; plugins stay on the runner)
     for name, platforms in binary.items():
         assert all(p.endswith("_aarch64") and p.startswith(("manylinux", "musllinux")) for p in platforms), name
     assert all(p.is_relative_to(wheel_cache / "wheels" / arm.key) for p in arm_wheels)
@@ -651,7 +652,7 @@ async def test_wheelhouse_is_chosen_for_the_target_not_the_host(wheel_cache: Pat
     amd_wheels = await mgr.wheelhouse([], amd)
     binary = binary_platforms(amd_wheels)
     print("amd64 binary wheels:", *sorted(binary), sep="\n  ")
-    assert len(binary) >= 5
+    assert len(binary) >= 2
     for name, platforms in binary.items():
         assert all(p.endswith("_x86_64") and p.startswith("manylinux") for p in platforms), name
     assert {p.name for p in arm_wheels}.isdisjoint(binary)  # amd64 and arm64 wheels never mix
@@ -759,7 +760,7 @@ async def test_arm64_host_builds_an_amd64_image_of_manylinux_wheels(builder: Any
     assert "stepflow-" + __import__("stepflow").__version__ + ".dist-info" in tags
     binary = {info: t for info, t in tags.items() if any(not tag.endswith("-any") for tag in t)}
     print("wheel tags in the image:", *(f"{k}: {v}" for k, v in sorted(binary.items())), sep="\n  ")
-    assert len(binary) >= 5
+    assert len(binary) >= 2
     for info, wheel_tags in binary.items():
         assert all(re.search(r"-manylinux(_\d+_\d+|1|2010|2014)_x86_64$", t) for t in wheel_tags), info
     # The binary modules load, and the step entrypoint starts.
@@ -770,7 +771,7 @@ async def test_arm64_host_builds_an_amd64_image_of_manylinux_wheels(builder: Any
             "    except Exception as exc:\n        bad.append(f'{name}: {exc}')\n"
             "print(json.dumps([len(list(root.rglob('*.so'))), bad]))")
     count, bad = await image_listing(ref, code)
-    assert count >= 5 and bad == []
+    assert count >= 2 and bad == []
     out = await docker("run", "--rm", "--network", "none", ref, "python3", "-m", "stepflow.entrypoint", "--help")
     assert "--payload" in out
 
@@ -816,7 +817,7 @@ async def test_arm64_image_is_assembled_without_emulation(builder: Any, registry
     assert (await docker("image", "inspect", "-f", "{{.Os}}/{{.Architecture}}", ref)).strip() == "linux/arm64"
     tags = await image_listing(ref, WHEEL_TAGS)
     binary = {info: t for info, t in tags.items() if any(not tag.endswith("-any") for tag in t)}
-    assert len(binary) >= 5
+    assert len(binary) >= 2
     for info, wheel_tags in binary.items():
         assert all(t.endswith("_aarch64") for t in wheel_tags), info
     # Every shared library shipped is AArch64 machine code (ELF e_machine 183).
