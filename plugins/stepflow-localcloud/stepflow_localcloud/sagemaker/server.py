@@ -16,7 +16,6 @@ import datetime as dt
 import json
 import logging
 import random
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -24,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .._background import BackgroundServer
 from .._docker import docker_client as _docker
 from .credentials import TEST_KEY, TEST_SECRET, CredentialsEndpoint, RoleCredentials
 from .cwlogs import LOG_GROUP
@@ -416,89 +416,20 @@ def _decode_token(token: Any) -> list[Any]:
 
 
 # -------------------------------------------------------------------- from synchronous code
-class BackgroundLocalSageMaker:
+class BackgroundLocalSageMaker(BackgroundServer[LocalSageMaker]):
     """A :class:`LocalSageMaker` running on its own event loop in a daemon thread.
 
     For synchronous code and session-scoped pytest fixtures; its methods are thread-safe.
     """
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
-        self.backend: LocalSageMaker | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="local-sagemaker", daemon=True)
+    server_class = LocalSageMaker
+    label = "the local SageMaker backend"
 
     @property
     def url(self) -> str:
         """The endpoint URL to give AWS clients."""
         assert self.backend is not None
         return self.backend.url
-
-    def start(self, timeout: float = 30.0) -> BackgroundLocalSageMaker:
-        """Start the thread and wait until the server listens."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"the local SageMaker backend did not start within {timeout} s")
-        if self._error is not None:
-            raise RuntimeError(f"the local SageMaker backend did not start: {self._error}") from self._error
-        return self
-
-    def stop(self, timeout: float = 60.0) -> None:
-        """Stop the jobs and the server, and join the thread."""
-        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
-
-    def call(self, fn: Callable[[LocalSageMaker], Any], timeout: float = 60.0) -> Any:
-        """Run ``fn(backend)`` on the server's loop (awaiting it when it returns an awaitable)."""
-        assert self._loop is not None and self.backend is not None
-        backend = self.backend
-
-        async def run() -> Any:
-            result = fn(backend)
-            return await result if asyncio.iscoroutine(result) else result
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
-
-    def stats(self) -> dict[str, Any]:
-        """See :meth:`LocalSageMaker.stats`."""
-        return dict(self.call(lambda b: b.stats()))
-
-    def configure(self, **faults: Any) -> None:
-        """See :meth:`LocalSageMaker.configure`."""
-        self.call(lambda b: b.configure(**faults))
-
-    def reset(self, *, jobs: bool = False) -> None:
-        """See :meth:`LocalSageMaker.reset`."""
-        self.call(lambda b: b.reset(jobs=jobs))
-
-    def __enter__(self) -> BackgroundLocalSageMaker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _main(self) -> None:
-        async def serve() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            try:
-                async with LocalSageMaker(**self.options) as backend:
-                    self.backend = backend
-                    self._ready.set()
-                    await self._stop.wait()
-            except BaseException as exc:
-                self._error = exc
-                raise
-            finally:
-                self._ready.set()
-
-        with contextlib.suppress(BaseException):
-            asyncio.run(serve())
 
 
 @contextlib.contextmanager

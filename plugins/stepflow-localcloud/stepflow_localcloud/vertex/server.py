@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -32,6 +31,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 
+from .._background import BackgroundServer
 from .._docker import docker_client
 from .filters import Field, Fields, compile_filter
 from .jobs import INSTANCE_LABEL, CustomJobRecord, DockerExecutor, State, new_instance_id
@@ -461,24 +461,14 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------- from synchronous code
-class BackgroundLocalVertex:
+class BackgroundLocalVertex(BackgroundServer[LocalVertex]):
     """A :class:`LocalVertex` running on its own event loop in a daemon thread.
 
     For synchronous code and session-scoped pytest fixtures; its methods are thread-safe.
     """
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
-        self.backend: LocalVertex | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="local-vertex", daemon=True)
-
-    def _started(self) -> LocalVertex:
-        assert self.backend is not None, "the local Vertex AI control plane is not started"
-        return self.backend
+    server_class = LocalVertex
+    label = "the local Vertex AI control plane"
 
     @property
     def endpoint(self) -> str:
@@ -504,70 +494,6 @@ class BackgroundLocalVertex:
     def parent(self) -> str:
         """``projects/P/locations/L``."""
         return self._started().parent
-
-    def start(self, timeout: float = 30.0) -> BackgroundLocalVertex:
-        """Start the thread and wait until the server listens."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"the local Vertex AI control plane did not start within {timeout} s")
-        if self._error is not None:
-            raise RuntimeError(f"the local Vertex AI control plane did not start: {self._error}") from self._error
-        return self
-
-    def stop(self, timeout: float = 60.0) -> None:
-        """Cancel the jobs, stop the server, and join the thread."""
-        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def call(self, fn: Callable[[LocalVertex], Any], timeout: float = 60.0) -> Any:
-        """Run ``fn(backend)`` on the server's loop (awaiting it when it returns an awaitable)."""
-        assert self._loop is not None
-        backend = self._started()
-
-        async def run() -> Any:
-            result = fn(backend)
-            return await result if asyncio.iscoroutine(result) else result
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
-
-    def stats(self) -> dict[str, Any]:
-        """See :meth:`LocalVertex.stats`."""
-        return dict(self.call(lambda b: b.stats()))
-
-    def configure(self, **faults: Any) -> None:
-        """See :meth:`LocalVertex.configure`."""
-        self.call(lambda b: b.configure(**faults))
-
-    def reset(self, *, jobs: bool = False) -> None:
-        """See :meth:`LocalVertex.reset`."""
-        self.call(lambda b: b.reset(jobs=jobs))
-
-    def __enter__(self) -> BackgroundLocalVertex:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _main(self) -> None:
-        async def serve() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            try:
-                async with LocalVertex(**self.options) as backend:
-                    self.backend = backend
-                    self._ready.set()
-                    await self._stop.wait()
-            except BaseException as exc:
-                self._error = exc
-                raise
-            finally:
-                self._ready.set()
-
-        with contextlib.suppress(BaseException):
-            asyncio.run(serve())
 
 
 @contextlib.contextmanager
