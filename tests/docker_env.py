@@ -20,6 +20,7 @@ import subprocess
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -106,6 +107,19 @@ def remove_local_images(prefix: str) -> None:
     refs = [r for r in listed.stdout.split() if r.startswith(prefix)]
     if refs:
         subprocess.run(["docker", "rmi", "-f", *refs], capture_output=True, timeout=120)
+
+
+#: A bring-your-own-container training image (tests/byoc): no entrypoint, a `train` program on PATH.
+BYOC_IMAGE = "stepflow-test-byoc:1"
+
+
+def build_byoc_image() -> str:
+    """Build :data:`BYOC_IMAGE` from the base image (no pull: FROM is local); returns its tag."""
+    require_docker()
+    done = subprocess.run(["docker", "build", "-q", "-t", BYOC_IMAGE, str(Path(__file__).parent / "byoc")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"cannot build {BYOC_IMAGE}: {done.stderr}"
+    return BYOC_IMAGE
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ so these tests also prove both clients parse every answer. Job containers run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -45,6 +46,7 @@ ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 GROUP = "/aws/sagemaker/TrainingJobs"
 CREDS = {"region_name": REGION, "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 TERMINAL = {"Completed", "Failed", "Stopped"}
+BUCKET = "stepflow-test"
 #: What the module's backend serves as every job role's credentials (distinct from the test keys).
 ROLE_KEYS = RoleCredentials("AKIALOCALROLE0000001", "local-role-secret", "local-role-session-token")
 
@@ -54,6 +56,8 @@ ROLE_KEYS = RoleCredentials("AKIALOCALROLE0000001", "local-role-secret", "local-
 def backend(moto_server: str) -> Iterator[BackgroundLocalSageMaker]:  # noqa: F811
     """One backend for the module, on its own loop in a thread; faults reset after each test."""
     docker_env.require_docker()
+    with contextlib.suppress(ClientError):  # the jobs' S3OutputPath bucket
+        boto3.client("s3", endpoint_url=moto_server, **CREDS).create_bucket(Bucket=BUCKET)
     with serve_in_thread(logs_endpoint=moto_server, stop_grace=1.0, seed=7, role_credentials=ROLE_KEYS) as sm:
         yield sm
         assert sm.stats()["active"] == 0, "a test left a job running"
@@ -212,19 +216,100 @@ async def test_aiobotocore_runs_a_job_through_every_status_with_logs_in_cloudwat
 
 
 @docker_test
-def test_a_failing_container_fails_the_job_with_exit_code_and_last_stderr_line(sm: Any, logs: Any, uid: str) -> None:
+def test_a_failing_containers_failure_file_is_its_failure_reason_and_its_stderr_is_not(sm: Any, logs: Any,
+                                                                                       uid: str) -> None:
     name = f"t-{uid}-fail"
     code = ("import sys\nprint('loading data')\nprint('warming up', file=sys.stderr)\n"
-            "print('ValueError: the loss is NaN', file=sys.stderr)\nsys.exit(3)")
+            "print('Traceback: secret detail', file=sys.stderr)\n"
+            "open('/opt/ml/output/failure', 'w').write('ValueError: the loss is NaN')\nsys.exit(3)")
     sm.create_training_job(**request(name, code))
     d = wait_status(sm, name)
     assert (d["TrainingJobStatus"], d["SecondaryStatus"]) == ("Failed", "Failed")
-    reason = d["FailureReason"]
-    assert reason.startswith("AlgorithmError: ") and reason.endswith("exit code: 3"), reason
-    assert "ValueError: the loss is NaN" in reason
+    assert d["FailureReason"] == "AlgorithmError: ValueError: the loss is NaN, exit code: 3"
     assert d["SecondaryStatusTransitions"][-1]["StatusMessage"].startswith("Training job failed.")
-    assert "loading data" in log_lines(logs, name)
+    assert "loading data" in log_lines(logs, name) and "Traceback: secret detail" in log_lines(logs, name)
+    assert "ModelArtifacts" not in d
     assert not job_containers(name)
+
+
+@docker_test
+def test_without_a_failure_file_the_reason_points_at_the_logs_and_a_long_one_is_truncated(sm: Any, uid: str) -> None:
+    bare, long = f"t-{uid}-bare", f"t-{uid}-long"
+    sm.create_training_job(**request(bare, "import sys\nprint('ValueError: in stderr only', file=sys.stderr)\n"
+                                           "sys.exit(1)"))
+    sm.create_training_job(**request(long, "import sys\nopen('/opt/ml/output/failure', 'w').write("
+                                           "'E: ' + 'x' * 5000)\nsys.exit(2)"))
+    reason = wait_status(sm, bare)["FailureReason"]
+    assert reason == "AlgorithmError: See job logs for more information, exit code: 1"
+    reason = wait_status(sm, long)["FailureReason"]
+    assert len(reason) == 1024 and reason.startswith("AlgorithmError: E: xxx") and reason.endswith(", exit code: 2")
+
+
+@docker_test
+def test_channels_and_checkpoints_come_from_s3_and_model_output_and_checkpoints_go_back(
+        sm: Any, logs: Any, moto_server: str, uid: str) -> None:  # noqa: F811
+    import io
+    import tarfile
+
+    image = docker_env.build_byoc_image()
+    s3 = boto3.client("s3", endpoint_url=moto_server, **CREDS)
+    s3.put_object(Bucket=BUCKET, Key=f"{uid}/data/train/a.csv", Body=b"1,2")
+    s3.put_object(Bucket=BUCKET, Key=f"{uid}/data/train/sub/b.csv", Body=b"3,4")
+    s3.put_object(Bucket=BUCKET, Key=f"{uid}/ckpt/epoch-1.ckpt", Body=b"weights-1")
+    name = f"t-{uid}-data"
+    channel = {"ChannelName": "train", "DataSource": {"S3DataSource": {
+        "S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/{uid}/data/train", "S3DataDistributionType": "FullyReplicated"}}}
+    sm.create_training_job(**request(name, AlgorithmSpecification={"TrainingImage": image, "TrainingInputMode": "File"},
+                                     InputDataConfig=[channel], CheckpointConfig={"S3Uri": f"s3://{BUCKET}/{uid}/ckpt"}))
+    d = wait_status(sm, name, timeout=60)
+    lines = log_lines(logs, name)
+    assert d["TrainingJobStatus"] == "Completed", (d.get("FailureReason"), lines)
+    assert "files=train/a.csv:1,2,train/sub/b.csv:3,4" in lines and "resumed=['epoch-1.ckpt']" in lines
+    assert 'inputdataconfig={"train": {"RecordWrapperType": "None", "TrainingInputMode": "File"}}' in lines
+    assert [(t["Status"], t["StatusMessage"]) for t in d["SecondaryStatusTransitions"]] == [
+        ("Starting", "Preparing the instances for training"), ("Downloading", "Downloading input data"),
+        ("Training", "Training image download completed. Training in progress."),
+        ("Uploading", "Uploading generated training model"), ("Completed", "Training job completed")]
+
+    def members(uri: str) -> dict[str, bytes]:
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        raw = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+    model_uri = d["ModelArtifacts"]["S3ModelArtifacts"]
+    assert set(members(model_uri)) == {"model.json", "extra/vocab.txt"}
+    assert members(model_uri.replace("model.tar.gz", "output.tar.gz")) == {"metrics.json": b'{"rows": 2}'}
+    assert s3.get_object(Bucket=BUCKET, Key=f"{uid}/ckpt/epoch-2.ckpt")["Body"].read() == b"weights-2"
+
+
+@docker_test
+def test_an_empty_input_channel_or_a_missing_output_bucket_fails_the_job_naming_the_uri(sm: Any, uid: str) -> None:
+    empty, nobucket = f"t-{uid}-empty", f"t-{uid}-nobucket"
+    uri = f"s3://{BUCKET}/{uid}/nothing-here"
+    sm.create_training_job(**request(empty, InputDataConfig=[{"ChannelName": "train", "DataSource": {
+        "S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri}}}]))
+    sm.create_training_job(**request(nobucket, OutputDataConfig={"S3OutputPath": f"s3://no-such-bucket-{uid}/out"}))
+    d = wait_status(sm, empty)
+    assert d["TrainingJobStatus"] == "Failed"
+    assert d["FailureReason"].startswith(f'ClientError: No S3 objects found under S3 URL "{uri}"')
+    d = wait_status(sm, nobucket)
+    assert d["TrainingJobStatus"] == "Failed"
+    assert d["FailureReason"].startswith(f"ClientError: OutputDataConfig.S3OutputPath s3://no-such-bucket-{uid}/out")
+    assert "does not exist" in d["FailureReason"]
+    assert not job_containers(empty) and not job_containers(nobucket)
+
+
+@docker_test
+def test_without_an_entrypoint_the_image_runs_with_the_argument_train(sm: Any, logs: Any, uid: str) -> None:
+    image = docker_env.build_byoc_image()
+    name = f"t-{uid}-argv"
+    sm.create_training_job(**request(name, AlgorithmSpecification={"TrainingImage": image, "TrainingInputMode": "File"},
+                                     Environment={"TEAM": "ml"}))
+    d = wait_status(sm, name)
+    lines = log_lines(logs, name)
+    assert d["TrainingJobStatus"] == "Completed", (d.get("FailureReason"), lines)
+    assert f"program=train args=[] channels=[] rows=0 team=ml job={name}" in lines
 
 
 @docker_test

@@ -2,12 +2,17 @@
 
 Lifecycle, as the real service reports it::
 
-    InProgress/Starting -> InProgress/Downloading (image inspected, pulled when missing)
-      -> InProgress/Training (container running; output shipped to CloudWatch Logs)
-      -> InProgress/Uploading -> Completed/Completed          exit code 0
-      -> Failed/Failed + FailureReason                         non-zero exit, OOM, no image
+    InProgress/Starting (buckets checked)
+      -> InProgress/Downloading (input channels and checkpoints copied from S3)
+      -> InProgress/Training (image pulled when missing, then the container runs `train`; its
+         output is shipped to CloudWatch Logs)
+      -> InProgress/Uploading (model.tar.gz, output.tar.gz, checkpoints to S3) -> Completed/Completed
+      -> Failed/Failed + FailureReason        non-zero exit (/opt/ml/output/failure), OOM, no image, no data
       -> Stopping/MaxRuntimeExceeded -> Stopped/MaxRuntimeExceeded   MaxRuntimeInSeconds elapsed
-    StopTrainingJob at any point: Stopping/Stopping -> Stopped/Stopped
+    StopTrainingJob at any point: Stopping/Stopping -> Stopped/Stopped (SIGTERM, then SIGKILL after
+    the grace time; the model and checkpoints are still uploaded)
+
+Data moves as in File mode: see :mod:`.s3data`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from aiodocker.exceptions import DockerError
 
 from .credentials import CredentialsEndpoint
 from .cwlogs import LogShipper
+from .s3data import DEFAULT_CHECKPOINT_PATH, FAILURE_LIMIT, DataError, S3Data, failure_text
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +50,16 @@ ECHOED = ("HyperParameters", "AlgorithmSpecification", "RoleArn", "InputDataConf
           "ProfilerRuleConfigurations", "Environment", "RetryStrategy", "RemoteDebugConfig", "InfraCheckConfig")
 MESSAGES = {
     "Starting": "Preparing the instances for training",
-    "Downloading": "Downloading the training image",
-    "Training": "Training image download completed. Training in progress.",
+    "Downloading": "Downloading input data",
+    "Training": "Downloading the training image",
     "Uploading": "Uploading generated training model",
     "Completed": "Training job completed",
     "Stopping": "Stopping the training job",
     "Stopped": "Training job stopped",
     "MaxRuntimeExceeded": "Training job stopped because it exceeded MaxRuntimeInSeconds",
 }
-STDERR_TAIL = 5
+TRAINING = "Training image download completed. Training in progress."
+NO_FAILURE_FILE = "See job logs for more information"
 
 
 def now() -> float:
@@ -115,6 +122,11 @@ class TrainingJob:
             self.end_time = self.end_time or at
         self.modified = at
 
+    def message(self, text: str) -> None:
+        """Update the current secondary status's message (the service rewrites it in place)."""
+        self.transitions[-1]["StatusMessage"] = text
+        self.modified = now()
+
     def describe(self) -> dict[str, Any]:
         """The DescribeTrainingJob response."""
         req = self.request
@@ -155,6 +167,11 @@ class TrainingJob:
         """Where the real service would upload /opt/ml/model."""
         return f"{self.request['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{self.name}/output/model.tar.gz"
 
+    @property
+    def output_uri(self) -> str:
+        """Where the real service uploads /opt/ml/output/data."""
+        return self.model_uri.removesuffix("model.tar.gz") + "output.tar.gz"
+
 
 class _Stop(Exception):
     """The job was asked to stop (StopTrainingJob or server shutdown)."""
@@ -174,6 +191,7 @@ class DockerExecutor:
     logs_client: Any = None
     ensure_log_group: Callable[[bool], Awaitable[None]] | None = None
     credentials: CredentialsEndpoint | None = None
+    data: S3Data | None = None
     _pulls: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
 
     def start(self, job: TrainingJob) -> None:
@@ -225,8 +243,14 @@ class DockerExecutor:
     async def _execute(self, job: TrainingJob, held: dict[str, Any]) -> tuple[str, str]:
         """Everything up to the container's end: (final secondary status, failure reason)."""
         await self._until_stop(job, asyncio.sleep(self.phase_delay))
-        job.transition("Downloading")
         job.start_time = now()
+        try:
+            await self._until_stop(job, self._check_buckets(job))
+            job.transition("Downloading")
+            archives = await self._until_stop(job, self._inputs(job))
+        except DataError as exc:
+            return "Failed", str(exc)
+        job.transition("Training")
         image = job.request["AlgorithmSpecification"]["TrainingImage"]
         try:
             await self._until_stop(job, self._ensure_image(image))
@@ -236,13 +260,15 @@ class DockerExecutor:
         if self.credentials is not None:
             held["grant"], role_env = self.credentials.issue(job.request["RoleArn"])
         container = held["container"] = await self._create(job, image, role_env)
+        for archive in archives:
+            await container.put_archive("/", archive)
         job.log_stream = f"{job.name}/algo-1-{int(time.time())}"
         shipper = held["shipper"] = await self._shipper(job.log_stream)
         try:
             await container.start()
         except DockerError as exc:
             return "Failed", f"AlgorithmError: unable to start the training container: {exc.message}"
-        job.transition("Training")
+        job.message(TRAINING)
         pump = asyncio.get_running_loop().create_task(self._pump(container, shipper))
         try:
             outcome = await self._wait(job, container)
@@ -253,21 +279,66 @@ class DockerExecutor:
                 log.warning("training job %s: output may be incomplete: %r", job.name, exc)
         finally:
             pump.cancel()
-        if outcome == "stopped" or job.stop_requested.is_set():  # a stop that raced the exit still wins
+        state = (await container.show())["State"]
+        job.exit_code = int(state.get("ExitCode", -1))
+        stopped = outcome == "stopped" or job.stop_requested.is_set()  # a stop that raced the exit still wins
+        succeeded = stopped or outcome == "timeout" or job.exit_code == 0
+        try:
+            if succeeded and not stopped and outcome != "timeout":
+                job.transition("Uploading")
+            await self._upload(job, container, artifacts=succeeded)
+        except DataError as exc:
+            return "Failed", str(exc)
+        if stopped:
             return "Stopped", ""
         if outcome == "timeout":
             return "MaxRuntimeExceeded", ""
-        state = (await container.show())["State"]
-        job.exit_code = int(state.get("ExitCode", -1))
         if job.exit_code == 0:
-            job.transition("Uploading")
             await self._until_stop(job, asyncio.sleep(self.phase_delay))
             return "Completed", ""
         if state.get("OOMKilled"):
             return "Failed", ("OutOfMemoryError: Please use an instance type with more memory, or reduce the "
                               "size of job data processed on an instance.")
-        tail = "\n".join(await _stderr_tail(container))
-        return "Failed", f"AlgorithmError: {tail or 'the training container failed'}, exit code: {job.exit_code}"
+        # The service reports the container's failure file, never its output.
+        suffix = f", exit code: {job.exit_code}"
+        text = await failure_text(container) or NO_FAILURE_FILE
+        return "Failed", f"AlgorithmError: {text[:FAILURE_LIMIT - len('AlgorithmError: ') - len(suffix)]}{suffix}"
+
+    async def _check_buckets(self, job: TrainingJob) -> None:
+        if self.data is None:
+            return
+        req = job.request
+        await self.data.check_bucket(req["OutputDataConfig"]["S3OutputPath"], "OutputDataConfig.S3OutputPath")
+        if req.get("CheckpointConfig"):
+            await self.data.check_bucket(req["CheckpointConfig"]["S3Uri"], "CheckpointConfig.S3Uri")
+
+    async def _inputs(self, job: TrainingJob) -> list[bytes]:
+        """Tars of the input channels and the checkpoints, to put in the container before it starts."""
+        if self.data is None:
+            return []
+        archives = []
+        for channel in job.request.get("InputDataConfig") or []:
+            source = (channel.get("DataSource") or {}).get("S3DataSource")
+            if source:
+                local = f"/opt/ml/input/data/{channel['ChannelName']}"
+                archives.append(await self.data.download(source["S3Uri"], local, required=True))
+        checkpoints = job.request.get("CheckpointConfig")
+        if checkpoints:
+            local = checkpoints.get("LocalPath") or DEFAULT_CHECKPOINT_PATH
+            archives.append(await self.data.download(checkpoints["S3Uri"], local, required=False))
+        return [a for a in archives if a is not None]
+
+    async def _upload(self, job: TrainingJob, container: Any, *, artifacts: bool) -> None:
+        """Checkpoints back to S3 whatever the outcome; the model and output data unless the job failed."""
+        if self.data is None:
+            return
+        checkpoints = job.request.get("CheckpointConfig")
+        if checkpoints:
+            await self.data.sync_up(container, checkpoints.get("LocalPath") or DEFAULT_CHECKPOINT_PATH,
+                                    checkpoints["S3Uri"])
+        if artifacts:
+            await self.data.pack(container, "/opt/ml/model", job.model_uri, always=True)
+            await self.data.pack(container, "/opt/ml/output/data", job.output_uri, always=False)
 
     async def _finish(self, container: Any, shipper: LogShipper | None) -> None:
         if container is not None:
@@ -413,14 +484,6 @@ class DockerExecutor:
         return env
 
 
-async def _stderr_tail(container: Any) -> list[str]:
-    """The last non-empty lines the container wrote to stderr."""
-    with contextlib.suppress(DockerError):
-        text = "".join(await container.log(stderr=True, tail=STDERR_TAIL * 4))
-        return [line.rstrip("\r") for line in text.split("\n") if line.strip()][-STDERR_TAIL:]
-    return []
-
-
 def _ml_files(job: TrainingJob) -> bytes:
     """A tar of /opt/ml as the service lays it out: config JSON files and the empty directories."""
     req = job.request
@@ -437,7 +500,8 @@ def _ml_files(job: TrainingJob) -> bytes:
                                ["TrainingInputMode"], "RecordWrapperType": c.get("RecordWrapperType", "None")}
             for c in channels},
     }
-    dirs = ["opt/ml/model", "opt/ml/output/data", "opt/ml/checkpoints",
+    dirs = ["opt/ml", "opt/ml/input", "opt/ml/input/data", "opt/ml/model", "opt/ml/output", "opt/ml/output/data",
+            "opt/ml/checkpoints",
             *(f"opt/ml/input/data/{c['ChannelName']}" for c in channels)]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

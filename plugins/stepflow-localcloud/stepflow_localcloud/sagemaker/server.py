@@ -28,6 +28,7 @@ from .._docker import docker_client as _docker
 from .credentials import TEST_KEY, TEST_SECRET, CredentialsEndpoint, RoleCredentials
 from .cwlogs import LOG_GROUP
 from .jobs import INSTANCE_LABEL, DockerExecutor, TrainingJob, new_instance_id
+from .s3data import S3Data
 from .validation import STATUSES, ApiError, validate_create, validate_name, validation_error
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class LocalSageMaker:
                  docker_url: str | None = None, aws_endpoint: str | None = None,
                  container_env: Mapping[str, str] | None = None, stop_grace: float = 2.0,
                  phase_delay: float = 0.0, role_credentials: RoleCredentials | None = None,
-                 credentials_port: int = 0) -> None:
+                 credentials_port: int = 0, s3_endpoint: str | None = None) -> None:
         """Configure the server; nothing starts before ``start()`` / ``async with``.
 
         ``aws_endpoint`` (default: ``logs_endpoint``) is what containers get as
@@ -63,6 +64,9 @@ class LocalSageMaker:
         (default: this process's ``AWS_*`` keys, else moto's test keys) on 127.0.0.1 at
         ``credentials_port`` (0: a free port). ``stop_grace`` is the SIGTERM-to-SIGKILL time of
         a stopped job; ``phase_delay`` holds Starting and Uploading that long so pollers can see them.
+        ``s3_endpoint`` (default: ``aws_endpoint``, else ``logs_endpoint``) is the S3 the service
+        moves the jobs' data through (input channels, checkpoints, model and output archives), with
+        the role's credentials; without any endpoint jobs move no data.
         """
         self.host, self.port = host, port
         self.logs_endpoint = logs_endpoint
@@ -75,6 +79,7 @@ class LocalSageMaker:
         self.credentials = CredentialsEndpoint(role_credentials or RoleCredentials.from_environment(),
                                                port=credentials_port)
         endpoint = aws_endpoint or logs_endpoint
+        self.s3_endpoint = s3_endpoint or endpoint
         # No keys: the SDKs find the role through the credentials endpoint. EC2 metadata is off so a
         # container whose SDK cannot use that endpoint fails at once instead of probing for an instance role.
         env = {"AWS_EC2_METADATA_DISABLED": "true"}
@@ -124,17 +129,17 @@ class LocalSageMaker:
                 log.warning("job containers on network %r cannot reach the credentials endpoint on %s: "
                             "their AWS SDKs will find no credentials", self.network, self.credentials.url)
             if self.logs_endpoint:
-                from aiobotocore.config import AioConfig
-                from aiobotocore.session import get_session
-
-                self._logs = await self._stack.enter_async_context(get_session().create_client(
-                    "logs", endpoint_url=self.logs_endpoint, region_name=self.region,
-                    aws_access_key_id=TEST_KEY, aws_secret_access_key=TEST_SECRET,
-                    config=AioConfig(max_pool_connections=64, retries={"max_attempts": 5, "mode": "standard"})))
+                self._logs = await self._stack.enter_async_context(
+                    self._aws_client("logs", self.logs_endpoint, role=False))
+            data = None
+            if self.s3_endpoint:
+                s3 = await self._stack.enter_async_context(self._aws_client("s3", self.s3_endpoint, role=True))
+                data = S3Data(s3)
             self._executor = DockerExecutor(
                 docker=docker, instance_id=self.instance_id, region=self.region, network=self.network,
                 container_env=self.container_env, stop_grace=self.stop_grace, phase_delay=self.phase_delay,
-                logs_client=self._logs, ensure_log_group=self._ensure_log_group, credentials=self.credentials)
+                logs_client=self._logs, ensure_log_group=self._ensure_log_group, credentials=self.credentials,
+                data=data)
             app = web.Application(client_max_size=16 * 1024 * 1024)
             app.router.add_post("/", self._handle)
             app.router.add_get("/", self._hello)
@@ -150,6 +155,17 @@ class LocalSageMaker:
         except BaseException:
             await self.close()
             raise
+
+    def _aws_client(self, service: str, endpoint: str, *, role: bool) -> Any:
+        """An aiobotocore client: the service's own (test keys), or the jobs' role (``role``)."""
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
+        keys = self.credentials.credentials if role else RoleCredentials(TEST_KEY, TEST_SECRET)
+        return get_session().create_client(
+            service, endpoint_url=endpoint, region_name=self.region, aws_access_key_id=keys.access_key_id,
+            aws_secret_access_key=keys.secret_access_key, aws_session_token=keys.session_token,
+            config=AioConfig(max_pool_connections=64, retries={"max_attempts": 5, "mode": "standard"}))
 
     async def close(self) -> None:
         """Stop every job, remove every container this server started, stop listening."""
