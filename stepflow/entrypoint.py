@@ -6,7 +6,9 @@ signature must verify with the key derived from the job's token. The token comes
 secrets file named by ``$STEPFLOW_SECRETS_FILE`` when the backend delivers one, else from
 ``$STEPFLOW_JOB_TOKEN``. The step then runs, and its output, or its error with the full
 traceback, is written as an envelope signed with the job's output key (unwrapped from the
-payload with the token). Exit status: 0 success, 1 the step raised, 2 the payload was refused.
+payload with the token). When ``$STEPFLOW_FAILURE_FILE`` names where the job's service reads a
+failure message, a failed step's ``Type: message (step name)`` goes there too, trimmed and with
+the job's secrets masked. Exit status: 0 success, 1 the step raised, 2 the payload was refused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,36 @@ from stepflow.remote import _keys as keys
 from stepflow.remote._io import read_uri, storage_options, write_uri
 
 EXIT_OK, EXIT_STEP_FAILED, EXIT_REFUSED = 0, 1, 2
+#: The longest failure message a service shows (SageMaker's FailureReason limit).
+FAILURE_LIMIT = 1024
+
+
+def _secret_strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if len(value) >= 6 else []
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _secret_strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _secret_strings(v)]
+    return []
+
+
+def _report_failure(kind: str, message: str, step: Any, secrets: dict[str, Any]) -> None:
+    """Write the failure where the job's service reads it (``$STEPFLOW_FAILURE_FILE``), if it has such a place."""
+    path = os.environ.get(keys.FAILURE_FILE_ENV)
+    if not path:
+        return
+    for secret in sorted(_secret_strings(secrets), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    suffix = f" (step {step})" if step else ""
+    head = f"{kind}: "
+    room = FAILURE_LIMIT - len(head) - len(suffix)
+    text = head + (message if len(message) <= room else message[:room - 3] + "...") + suffix
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    except OSError as exc:  # the output envelope still carries the failure
+        print(f"stepflow: could not write the failure file {path}: {exc}", file=sys.stderr, flush=True)
 
 
 def _secrets() -> dict[str, Any]:
@@ -102,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="URI to write the output envelope to")
     args = parser.parse_args(argv)
     job = _Job()
+    secrets: dict[str, Any] = {}
     try:
         secrets = _secrets()
         token = _token(secrets)
@@ -120,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         call_kwargs = _resolve_refs(body["kwargs"], job.options)
     except Exception as exc:  # refused: nothing of the payload ran
         print(f"stepflow: payload refused: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _report_failure(type(exc).__name__, f"payload refused: {exc}", job.meta.get("step"), secrets)
         try:
             job.write(args.output, {"ok": False, "type": type(exc).__name__, "message": str(exc),
                                     "traceback": traceback.format_exc(), "refused": True})
@@ -142,16 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         out = {"ok": False, "type": type(exc).__name__, "message": str(exc), "traceback": tb,
                "duration": time.time() - started}
         code = EXIT_STEP_FAILED
+        _report_failure(type(exc).__name__, str(exc), meta["step"], secrets)
     try:
         job.write(args.output, out)
     except Exception as exc:
         tb = traceback.format_exc()
         print(f"stepflow: could not write the step output: {type(exc).__name__}: {exc}\n{tb}",
               file=sys.stderr, flush=True)
+        message = f"step {meta['step']!r} returned a value that cannot be stored: {exc}"
+        _report_failure(type(exc).__name__, message, meta["step"], secrets)
         with contextlib.suppress(Exception):  # e.g. an unpicklable return value: report that instead
-            job.write(args.output, {"ok": False, "type": type(exc).__name__,
-                                    "message": f"step {meta['step']!r} returned a value that cannot be stored: {exc}",
-                                    "traceback": tb})
+            job.write(args.output, {"ok": False, "type": type(exc).__name__, "message": message, "traceback": tb})
         return EXIT_STEP_FAILED
     print(f"stepflow: step {meta['step']!r} {'succeeded' if code == 0 else 'failed'} in "
           f"{time.time() - started:.2f}s", flush=True)

@@ -61,8 +61,10 @@ def write_payload(tmp_path: Path, data: bytes) -> Path:
 
 
 def run_entrypoint(payload: Path, *, pin: str | None = None, token: bytes | None = JOB_KEYS.token,
-                   secrets_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+                   secrets_file: Path | None = None, failure_file: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEPFLOW_")}
+    if failure_file is not None:
+        env[keys.FAILURE_FILE_ENV] = str(failure_file)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
     if pin is not None:
         env[keys.PAYLOAD_SHA_ENV] = pin
@@ -107,6 +109,27 @@ def test_remote_exception_comes_back_with_its_traceback(tmp_path: Path) -> None:
     body = read_output(payload)
     assert body["ok"] is False and body["type"] == "ValueError" and body["message"] == "bad value 7"
     assert 'raise ValueError(f"bad value {x}")' in body["traceback"]
+
+
+def leak(secret: str) -> None:
+    raise RuntimeError(f"cannot log in with {secret}: " + "x" * 3000)
+
+
+def test_a_failure_goes_to_the_services_failure_file_trimmed_and_with_secrets_masked(tmp_path: Path) -> None:
+    failure = tmp_path / "ml" / "output" / "failure"
+    secrets = tmp_path / "secrets.json"
+    storage_key = "storage-secret-key-123"
+    secrets.write_text(json.dumps({keys.TOKEN_SECRET: JOB_KEYS.token.hex(), keys.STORAGE_SECRET: {"key": storage_key}}))
+    _, out = run_pinned(tmp_path, payload_bytes(explode, 7), failure_file=failure)
+    assert out.returncode == 1 and failure.read_text() == "ValueError: bad value 7 (step s)"
+    _, out = run_pinned(tmp_path, payload_bytes(leak, storage_key), secrets_file=secrets, failure_file=failure)
+    text = failure.read_text()
+    assert out.returncode == 1 and storage_key not in text and JOB_KEYS.token.hex() not in text
+    assert text.startswith("RuntimeError: cannot log in with ***: xxx") and text.endswith("... (step s)")
+    assert len(text) == 1024
+    # A refused payload says so too.
+    out = run_entrypoint(write_payload(tmp_path, payload_bytes(double, 1)), pin="0" * 64, failure_file=failure)
+    assert out.returncode == 2 and failure.read_text().startswith("PayloadError: payload refused: the payload does not")
 
 
 def test_a_payload_changed_after_submission_is_refused_and_nothing_runs(tmp_path: Path) -> None:

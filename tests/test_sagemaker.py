@@ -433,7 +433,8 @@ async def test_a_failing_step_shows_failure_reason_and_remote_traceback(sm_stack
     assert "AlgorithmError" in err.message  # SageMaker's FailureReason
     assert 'return values["missing"] + x' in err.traceback and "Traceback" in err.traceback
     failed = [e for e in events if isinstance(e, JobStatusChanged) and e.status == "Failed"]
-    assert failed and "AlgorithmError" in failed[0].detail
+    # The entrypoint wrote the step's failure where SageMaker reads it: its console and API explain it.
+    assert failed and failed[0].detail == "AlgorithmError: KeyError: 'missing' (step broken), exit code: 1"
 
 
 @docker_test

@@ -123,6 +123,10 @@ class JobBackend(abc.ABC):
     secret_channel: ClassVar[bool] = False
     #: Jobs read the artifact store through a local bind (a local artifact store works).
     local_store: ClassVar[bool] = False
+    #: Path inside the job where the service reads the job's failure message (e.g. SageMaker's
+    #: /opt/ml/output/failure): a failed step writes "Type: message (step name)" there, so the
+    #: cloud's own console and API explain the failure.
+    failure_file: ClassVar[str | None] = None
 
     def __init__(self, name: str, config: Any) -> None:
         self.name = name

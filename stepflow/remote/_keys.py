@@ -26,6 +26,8 @@ TOKEN_ENV = "STEPFLOW_JOB_TOKEN"
 PAYLOAD_SHA_ENV = "STEPFLOW_PAYLOAD_SHA256"
 #: Path of a JSON file holding the job's secrets, when the backend delivers them as a file.
 SECRETS_FILE_ENV = "STEPFLOW_SECRETS_FILE"
+#: Path inside the job where its service reads a failure message (set for backends that have one).
+FAILURE_FILE_ENV = "STEPFLOW_FAILURE_FILE"
 #: Key of the job token and of the storage credentials in the job's secrets.
 TOKEN_SECRET = "token"
 STORAGE_SECRET = "storage"

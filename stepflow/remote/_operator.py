@@ -396,6 +396,8 @@ class _Attempt:
         op = self.op
         public, secret = self.store.job_storage_options()
         env = {keys.PAYLOAD_SHA_ENV: digest, "HOME": "/tmp"}
+        if op.backend.failure_file:
+            env[keys.FAILURE_FILE_ENV] = op.backend.failure_file
         if public:
             env[STORAGE_OPTIONS_ENV] = json.dumps(public, sort_keys=True)
         env.update({str(k): str(v) for k, v in (getattr(options, "environment", None) or {}).items()})

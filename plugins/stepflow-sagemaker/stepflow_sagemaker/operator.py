@@ -76,6 +76,7 @@ class SageMakerBackend(JobBackend):
     poll_interval: ClassVar[float] = 0.5
     max_poll_interval: ClassVar[float] = 5.0
     log_interval: ClassVar[float] = 1.0
+    failure_file: ClassVar[str | None] = "/opt/ml/output/failure"  # DescribeTrainingJob's FailureReason
 
     def __init__(self, name: str, config: SageMakerOperatorConfig) -> None:
         super().__init__(name, config)
