@@ -209,6 +209,35 @@ def azurite_blob_command() -> str:
     return str(binary)
 
 
+def sdk_python(name: str, *requirements: str) -> str:
+    """Python of a virtualenv holding a cloud's own SDK, kept apart because its pins clash with ours.
+
+    Created once in the services cache (``sdk/NAME``) and reused; raises ServiceUnavailable when
+    it cannot be installed.
+    """
+    root = services_cache() / "sdk" / name
+    python = root / "bin" / "python"
+    marker = root / ".installed"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with (root.parent / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one install at a time across test processes
+        if marker.exists() and marker.read_text() == "\n".join(requirements):
+            return str(python)
+        shutil.rmtree(root, ignore_errors=True)
+        for cmd in ([sys.executable, "-m", "venv", str(root)],
+                    [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements]):
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
+                                      stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                raise ServiceUnavailable(f"`{' '.join(cmd)}` took over {INSTALL_TIMEOUT:.0f} s") from None
+            if done.returncode != 0:
+                raise ServiceUnavailable(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n"
+                                         f"{(done.stdout + done.stderr).strip()[-2000:]}")
+        marker.write_text("\n".join(requirements))
+    return str(python)
+
+
 def start_azurite() -> ContextManager[Service]:
     """Azurite's blob service, in memory; the URL is the dev account's blob endpoint."""
     binary = azurite_blob_command()
