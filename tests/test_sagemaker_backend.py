@@ -290,6 +290,7 @@ def test_an_empty_input_channel_or_a_missing_output_bucket_fails_the_job_naming_
     sm.create_training_job(**request(empty, InputDataConfig=[{"ChannelName": "train", "DataSource": {
         "S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri}}}]))
     sm.create_training_job(**request(nobucket, OutputDataConfig={"S3OutputPath": f"s3://no-such-bucket-{uid}/out"}))
+    sm.create_training_job(**request(f"{nobucket}-ckpt", CheckpointConfig={"S3Uri": f"s3://no-ckpt-{uid}/c"}))
     d = wait_status(sm, empty)
     assert d["TrainingJobStatus"] == "Failed"
     assert d["FailureReason"].startswith(f'ClientError: No S3 objects found under S3 URL "{uri}"')
@@ -297,6 +298,8 @@ def test_an_empty_input_channel_or_a_missing_output_bucket_fails_the_job_naming_
     assert d["TrainingJobStatus"] == "Failed"
     assert d["FailureReason"].startswith(f"ClientError: OutputDataConfig.S3OutputPath s3://no-such-bucket-{uid}/out")
     assert "does not exist" in d["FailureReason"]
+    d = wait_status(sm, f"{nobucket}-ckpt")
+    assert d["FailureReason"].startswith(f"ClientError: CheckpointConfig.S3Uri s3://no-ckpt-{uid}/c: the bucket")
     assert not job_containers(empty) and not job_containers(nobucket)
 
 
@@ -330,6 +333,37 @@ def test_stop_reaches_stopped_within_5s_and_removes_the_container(sm: Any, uid: 
     with pytest.raises(ClientError) as again:
         sm.stop_training_job(TrainingJobName=name)
     assert code_of(again) == "ValidationException"
+
+
+GRACEFUL = """
+import pathlib, signal, sys, time
+def save(*_):
+    pathlib.Path("/opt/ml/checkpoints/last.ckpt").write_text("saved on SIGTERM")
+    pathlib.Path("/opt/ml/model/partial.bin").write_text("partial")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@docker_test
+def test_a_stopped_job_gets_sigterm_and_its_checkpoints_and_model_still_reach_s3(
+        sm: Any, logs: Any, moto_server: str, uid: str) -> None:  # noqa: F811
+    name = f"t-{uid}-graceful"
+    sm.create_training_job(**request(name, GRACEFUL, CheckpointConfig={"S3Uri": f"s3://{BUCKET}/{uid}/ckpt/"}))
+    wait_status(sm, name, {"InProgress"}, secondary="Training")
+    deadline = time.monotonic() + 20
+    while "ready" not in log_lines(logs, name):
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.2)
+    sm.stop_training_job(TrainingJobName=name)
+    d = wait_status(sm, name, timeout=10)
+    assert (d["TrainingJobStatus"], d["SecondaryStatus"]) == ("Stopped", "Stopped")
+    s3 = boto3.client("s3", endpoint_url=moto_server, **CREDS)
+    assert s3.get_object(Bucket=BUCKET, Key=f"{uid}/ckpt/last.ckpt")["Body"].read() == b"saved on SIGTERM"
+    model = d["ModelArtifacts"]["S3ModelArtifacts"]
+    assert s3.head_object(Bucket=BUCKET, Key=model.removeprefix(f"s3://{BUCKET}/"))["ContentLength"] > 0
 
 
 @docker_test

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CloudWatch Logs endpoint (moto's URL) that receives the jobs' output")
     p.add_argument("--aws-endpoint", default=None,
                    help="AWS_ENDPOINT_URL given to containers (default: --logs-endpoint)")
+    p.add_argument("--s3-endpoint", default=None,
+                   help="S3 the service moves job data through: input channels, checkpoints, model.tar.gz "
+                        "(default: --aws-endpoint, else --logs-endpoint)")
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--account-id", default="123456789012")
     p.add_argument("--throttle-rate", type=_rate, default=0.0, help="fraction answered ThrottlingException")
@@ -86,7 +89,7 @@ async def serve(args: argparse.Namespace) -> None:
                               network=args.network, docker_url=args.docker_url, stop_grace=args.stop_grace,
                               phase_delay=args.phase_delay, container_env=dict(args.env),
                               role_credentials=role_credentials(args),
-                              credentials_port=args.credentials_port) as backend:
+                              credentials_port=args.credentials_port, s3_endpoint=args.s3_endpoint) as backend:
         print(f"local SageMaker listening on {backend.url}", flush=True)
         print(f"job role credentials served on {backend.credentials.url}", flush=True)
         await stop.wait()
