@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=0,
                    help="port of the HTTP test hooks (/_fake/stats, /_fake/config, /_fake/reset); 0 picks a free "
                         "one, -1 serves none")
+    p.add_argument("--tls-port", type=int, default=None,
+                   help="also serve with TLS on this port (0 picks a free one), under a self-signed certificate "
+                        "made at start: what the high-level google.cloud.aiplatform SDK needs")
+    p.add_argument("--certificate-file", default=None,
+                   help="where to write that certificate (PEM) for GRPC_DEFAULT_SSL_ROOTS_FILE_PATH (default: a "
+                        "temporary file, printed on start)")
     p.add_argument("--project", default=DEFAULT_PROJECT)
     p.add_argument("--location", default=DEFAULT_LOCATION)
     p.add_argument("--project-number", default=None, help="also accepted for the project in resource names")
@@ -67,8 +73,11 @@ async def serve(args: argparse.Namespace) -> None:
                            unavailable_rate=args.unavailable_rate, seed=args.seed, network=args.network,
                            docker_url=args.docker_url, gcs_endpoint=args.gcs_endpoint, container_env=dict(args.env),
                            stop_grace=args.stop_grace, phase_delay=args.phase_delay,
-                           keep_containers=args.keep_containers) as backend:
+                           keep_containers=args.keep_containers, tls_port=args.tls_port,
+                           certificate_file=args.certificate_file) as backend:
         print(f"local Vertex AI listening on {backend.endpoint} ({backend.parent})", flush=True)
+        if backend.tls_endpoint:
+            print(f"TLS on {backend.tls_endpoint}, certificate in {backend.certificate_file}", flush=True)
         if backend.http_url:
             print(f"test hooks on {backend.http_url}/_fake/", flush=True)
         await stop.wait()

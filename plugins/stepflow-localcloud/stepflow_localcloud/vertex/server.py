@@ -3,7 +3,9 @@
 ``google.cloud.aiplatform.v1.JobService`` (custom jobs) and ``google.logging.v2.LoggingServiceV2``
 (ListLogEntries) on one plaintext port, (de)serialized by the SDK's own proto-plus types, so the
 real GAPIC clients talk to it unmodified over ``grpc.aio.insecure_channel`` /
-``grpc.insecure_channel``. Errors are the service's gRPC status codes; field errors carry a
+``grpc.insecure_channel``. Optionally the same services also listen with TLS on a second port
+(a self-signed certificate made at start-up), for the high-level ``google.cloud.aiplatform`` SDK,
+which opens only secure channels. Errors are the service's gRPC status codes; field errors carry a
 ``google.rpc.BadRequest`` in the status details. Test hooks (counters, fault rates) are methods of
 :class:`LocalVertex` and, for other processes, a small HTTP endpoint under ``/_fake/``.
 """
@@ -17,7 +19,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -36,6 +41,7 @@ from .._docker import docker_client
 from .filters import Field, Fields, compile_filter
 from .jobs import INSTANCE_LABEL, CustomJobRecord, DockerExecutor, State, new_instance_id
 from .logs import LogStore
+from .tls import self_signed
 from .validation import ApiError, invalid, parse_job_name, parse_parent, validate_custom_job
 
 log = logging.getLogger(__name__)
@@ -76,7 +82,8 @@ class LocalVertex:
                  resource_exhausted_rate: float = 0.0, unavailable_rate: float = 0.0, seed: int | None = None,
                  network: str = "host", docker_url: str | None = None,
                  container_env: Mapping[str, str] | None = None, gcs_endpoint: str | None = None,
-                 stop_grace: float = 2.0, phase_delay: float = 0.0, keep_containers: bool = False) -> None:
+                 stop_grace: float = 2.0, phase_delay: float = 0.0, keep_containers: bool = False,
+                 tls_port: int | None = None, certificate_file: str | os.PathLike[str] | None = None) -> None:
         """Configure the server; nothing starts before ``start()`` / ``async with``.
 
         ``project_number``, when given, is accepted in resource names as well as ``project``.
@@ -85,6 +92,9 @@ class LocalVertex:
         emulator's URL) is given to them as ``STORAGE_EMULATOR_HOST``. ``stop_grace`` is the
         SIGTERM-to-SIGKILL time of a cancelled job; ``phase_delay`` holds QUEUED and PENDING that
         long each so pollers see them; ``keep_containers`` leaves ended jobs' containers behind.
+        ``tls_port`` (0: a free one; None: none) also serves the services with TLS, under a
+        self-signed certificate for ``localhost``, ``127.0.0.1`` and ``host`` that is written to
+        ``certificate_file`` (default: a temporary file, removed on close).
         """
         for name, rate in (("resource_exhausted_rate", resource_exhausted_rate),
                            ("unavailable_rate", unavailable_rate)):
@@ -112,12 +122,25 @@ class LocalVertex:
         self._http: web.AppRunner | None = None
         self._stack = contextlib.AsyncExitStack()
         self._executor: DockerExecutor | None = None
+        self.tls_port = tls_port
+        self._certificate_file = os.fspath(certificate_file) if certificate_file is not None else None
+        self._tls_dir: str | None = None
 
     # ---------------------------------------------------------------- lifecycle
     @property
     def endpoint(self) -> str:
         """``host:port`` of the gRPC services (give it to ``grpc.aio.insecure_channel``)."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def tls_endpoint(self) -> str | None:
+        """``host:port`` of the TLS port (the high-level SDK's ``api_endpoint``), or None without one."""
+        return None if self.tls_port is None else f"{self.host}:{self.tls_port}"
+
+    @property
+    def certificate_file(self) -> str | None:
+        """The PEM file of the TLS port's certificate (for ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH``), once started."""
+        return self._certificate_file if self.tls_port is not None else None
 
     @property
     def http_url(self) -> str | None:
@@ -155,6 +178,8 @@ class LocalVertex:
             if not bound:
                 raise OSError(f"cannot listen on {self.host}:{self.port}")
             self.port = bound
+            if self.tls_port is not None:
+                self.tls_port = self._add_tls_port(server)
             await server.start()
             if self.http_port is not None:
                 app = web.Application()
@@ -171,6 +196,24 @@ class LocalVertex:
             await self.close()
             raise
 
+    def _add_tls_port(self, server: grpc.aio.Server) -> int:
+        """Listen with TLS under a fresh self-signed certificate, written where clients can trust it."""
+        cert = self_signed((self.host,))
+        if self._certificate_file is None:
+            self._tls_dir = tempfile.mkdtemp(prefix="local-vertex-tls-")
+            self._certificate_file = os.path.join(self._tls_dir, "certificate.pem")
+        with open(self._certificate_file, "wb") as f:
+            f.write(cert.cert_pem)
+        credentials = grpc.ssl_server_credentials([(cert.key_pem, cert.cert_pem)])
+        address = f"{self.host}:{self.tls_port}"
+        try:
+            bound = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from exc
+        if not bound:
+            raise OSError(f"cannot listen on {address}")
+        return int(bound)
+
     async def close(self) -> None:
         """Cancel every job, remove every container this server started, stop listening."""
         if self._http is not None:
@@ -181,6 +224,9 @@ class LocalVertex:
             self._grpc = None
         await self._stop_all()
         await self._stack.aclose()
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
+            self._tls_dir = None
 
     async def _stop_all(self) -> None:
         executor = self._executor
@@ -268,6 +314,7 @@ class LocalVertex:
     # ---------------------------------------------------------------- HTTP test hooks
     async def _hello(self, request: web.Request) -> web.Response:
         return web.json_response({"service": "local Vertex AI (stepflow)", "endpoint": self.endpoint,
+                                  "tls_endpoint": self.tls_endpoint,
                                   "project": self.project, "location": self.location})
 
     async def _stats_route(self, request: web.Request) -> web.Response:
@@ -479,6 +526,16 @@ class BackgroundLocalVertex(BackgroundServer[LocalVertex]):
     def http_url(self) -> str | None:
         """The test hooks' base URL, or None."""
         return self._started().http_url
+
+    @property
+    def tls_endpoint(self) -> str | None:
+        """``127.0.0.1:PORT`` of the TLS port, or None."""
+        return self._started().tls_endpoint
+
+    @property
+    def certificate_file(self) -> str | None:
+        """The TLS port's certificate (PEM), or None."""
+        return self._started().certificate_file
 
     @property
     def project(self) -> str:
