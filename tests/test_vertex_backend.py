@@ -245,7 +245,7 @@ async def test_a_job_goes_through_every_state_and_its_lines_come_back_in_order_w
 
 
 @docker_test
-async def test_a_job_exiting_3_fails_with_the_exit_code_and_the_last_stderr_lines(
+async def test_a_job_exiting_3_fails_with_the_exit_code_and_its_stderr_only_in_the_logs(
         clients: tuple[v1.JobServiceAsyncClient, LoggingServiceV2AsyncClient], uid: str) -> None:
     jobs, logs = clients
     code = ("import sys, time\nprint('loading data')\ntime.sleep(0.05)\nprint('warming up', file=sys.stderr)\n"
@@ -255,8 +255,12 @@ async def test_a_job_exiting_3_fails_with_the_exit_code_and_the_last_stderr_line
     assert job.state == State.JOB_STATE_FAILED
     assert job.error.code == 3  # what Vertex AI reports for a replica's non-zero exit
     message = job.error.message
-    assert message.startswith("The replica workerpool0-0 exited with a non-zero status of 3."), message
-    assert "warming up\nValueError: the loss is NaN" in message
+    jid = job_id(created.name)
+    assert message.startswith("The replica workerpool0-0 exited with a non-zero status of 3. Termination reason: "
+                              "Error. To find out more about why your job exited please check the logs: "
+                              "https://console.cloud.google.com/logs/viewer?"), message
+    assert f"resource=ml_job%2Fjob_id%2F{jid}" in message
+    assert "NaN" not in message and "warming up" not in message  # the service never quotes the container
     assert job.end_time >= job.start_time
     lines = [(e.text_payload, e.severity) for e in await entries(logs, job_id(created.name))]
     assert lines == [("loading data", 200), ("warming up", 500), ("ValueError: the loss is NaN", 500)]
@@ -430,25 +434,25 @@ INVALID: dict[str, tuple[Any, str, str]] = {
     "no machine type": (lambda j: _machine_set(j, _machine("")), "machine_spec.machine_type", "Required field"),
     "T4 x3": (lambda j: _machine_set(j, _machine("n1-standard-4", "NVIDIA_TESLA_T4", 3)),
               "machine_spec.accelerator_count", "Accelerator count 3 is not supported for NVIDIA_TESLA_T4"),
-    "L4 on n1": (lambda j: _machine_set(j, _machine("n1-standard-4", "NVIDIA_L4", 1)),
-                 "machine_spec.accelerator_type", "not supported with machine type"),
-    "GPU on e2": (lambda j: _machine_set(j, _machine("e2-standard-4", "NVIDIA_TESLA_T4", 1)),
-                  "machine_spec.accelerator_type", "not supported with machine type"),
     "V100 x1 on 16 vCPUs": (lambda j: _machine_set(j, _machine("n1-standard-16", "NVIDIA_TESLA_V100", 1)),
                             "machine_spec.machine_type", "supports at most 12"),
     "a2 without its A100": (lambda j: _machine_set(j, _machine("a2-highgpu-1g")), "machine_spec.accelerator_type",
                             "requires accelerator type NVIDIA_TESLA_A100 with count 1"),
     "count without type": (lambda j: _machine_set(j, _machine("n1-standard-4", count=1)),
-                           "machine_spec.accelerator_type", "no accelerator type"),
-    "uppercase label key": (lambda j: _labels(j, {"Team": "ml"}), "custom_job.labels", 'Invalid label key "Team"'),
-    "label key starting with a digit": (lambda j: _labels(j, {"1team": "ml"}), "custom_job.labels",
+                           "machine_spec.accelerator_type",
+                           "Both `accelerator_type` and `accelerator_count` should be specified or none."),
+    "type without count": (lambda j: _machine_set(j, _machine("n1-standard-4", "NVIDIA_TESLA_T4")),
+                           "job_spec.worker_pool_specs[0].machine_spec.accelerator_type",
+                           "Both `accelerator_type` and `accelerator_count` should be specified or none."),
+    "uppercase label key": (lambda j: _labels(j, {"Team": "ml"}), "labels['", 'Invalid label key "Team"'),
+    "label key starting with a digit": (lambda j: _labels(j, {"1team": "ml"}), "labels['",
                                         'Invalid label key "1team"'),
-    "label value with a dot": (lambda j: _labels(j, {"team": "m.l"}), "custom_job.labels",
+    "label value with a dot": (lambda j: _labels(j, {"team": "m.l"}), "labels['",
                                'Invalid label value "m.l"'),
-    "label value over 63": (lambda j: _labels(j, {"team": "x" * 64}), "custom_job.labels", "Invalid label value"),
+    "label value over 63": (lambda j: _labels(j, {"team": "x" * 64}), "labels['", "Invalid label value"),
     "missing image": (_without_image, "container_spec.image_uri", "Required field is not set."),
-    "no worker pool": (_without_pools, "custom_job.job_spec.worker_pool_specs", "Required field is not set"),
-    "missing display name": (_without_name, "custom_job.display_name", "Required field is not set."),
+    "no worker pool": (_without_pools, "job_spec.worker_pool_specs", "Required field is not set"),
+    "missing display name": (_without_name, "display_name", "Required field is not set."),
     "two replicas in pool 0": (lambda j: _replicas(j, 2), "worker_pool_specs[0].replica_count", "exactly 1 replica"),
     "base output not gs": (lambda j: _base(j, "out/models"), "base_output_directory", "not a Cloud Storage URI"),
 }
@@ -489,7 +493,22 @@ async def test_invalid_jobs_are_invalid_argument_naming_the_field(
     assert message.startswith("List of found errors:\t1.Field: ") and field in message and text in message, message
     violations = [d for d in err.value.details if isinstance(d, error_details_pb2.BadRequest)]
     assert violations and field in violations[0].field_violations[0].field  # the rich status detail
+    # Paths are relative to the CustomJob, as the service writes them.
+    assert violations[0].field_violations[0].field.startswith(("display_name", "labels[", "job_spec."))
     assert name not in vertex.stats()["created"]
+
+
+@docker_test
+@pytest.mark.anyio
+@pytest.mark.parametrize("machine, accelerator", [("n1-standard-4", "NVIDIA_L4"), ("e2-standard-4", "NVIDIA_TESLA_T4")])
+async def test_an_accelerator_the_machine_cannot_carry_is_refused_with_the_services_sentence(
+        machine: str, accelerator: str, clients: tuple[v1.JobServiceAsyncClient, LoggingServiceV2AsyncClient],
+        uid: str) -> None:
+    jobs, _ = clients
+    job = _machine_set(custom_job(f"t-{uid}-gpu"), _machine(machine, accelerator, 1))
+    with pytest.raises(gexc.InvalidArgument) as err:
+        await jobs.create_custom_job(parent=PARENT, custom_job=job)
+    assert err.value.message == f'Accelerator "{accelerator}" is not supported for machine type "{machine}"'
 
 
 @docker_test
@@ -500,8 +519,8 @@ async def test_several_violations_are_reported_together(
     with pytest.raises(gexc.InvalidArgument) as err:
         await jobs.create_custom_job(parent=PARENT, custom_job=job)
     message = err.value.message
-    assert "1.Field: custom_job.display_name" in message and "2.Field: custom_job.labels" in message
-    assert "3.Field: custom_job.job_spec.worker_pool_specs[0].machine_spec.machine_type" in message
+    assert "1.Field: display_name;" in message and "2.Field: labels['Bad']" in message
+    assert "3.Field: job_spec.worker_pool_specs[0].machine_spec.machine_type" in message
 
 
 @docker_test
@@ -666,12 +685,14 @@ async def test_closing_the_server_cancels_jobs_and_removes_every_container(uid: 
 
 
 @docker_test
-def test_the_command_line_serves_both_services(uid: str) -> None:
-    grpc_port = free_port()
+def test_the_command_line_serves_both_services(uid: str, tmp_path: Any) -> None:
+    grpc_port, tls_port = free_port(), free_port()
+    certificate = tmp_path / "local-vertex.pem"
     env = {**os.environ, "PYTHONPATH": str(LOCALCLOUD)}
     argv = lambda port: [sys.executable, "-m", "stepflow_localcloud.vertex", "--port", str(grpc_port),  # noqa: E731
                          "--http-port", str(port), "--project", "cli-project", "--location", "europe-west4",
-                         "--unavailable-rate", "0", "--stop-grace", "1", "--env", "GREETING=hello"]
+                         "--unavailable-rate", "0", "--stop-grace", "1", "--env", "GREETING=hello",
+                         "--tls-port", str(tls_port), "--certificate-file", str(certificate)]
     with run_service("local-vertex", argv, url=lambda port: f"http://127.0.0.1:{port}", env=env) as service:
         with urllib.request.urlopen(f"{service.url}/", timeout=10) as r:
             assert json.loads(r.read())["endpoint"] == f"127.0.0.1:{grpc_port}"
@@ -692,4 +713,13 @@ def test_the_command_line_serves_both_services(uid: str) -> None:
         with urllib.request.urlopen(f"{service.url}/_fake/stats", timeout=10) as r:
             stats = json.loads(r.read())
         assert stats["created"] == {f"t-{uid}-cli": 1} and stats["calls"]["CreateCustomJob"] == 1
-        assert f"local Vertex AI listening on 127.0.0.1:{grpc_port}" in service.log.read_text()
+        # The same services with TLS, trusted through the certificate the server wrote.
+        secure = grpc.secure_channel(f"localhost:{tls_port}", grpc.ssl_channel_credentials(certificate.read_bytes()))
+        try:
+            client = v1.JobServiceClient(transport=JobServiceGrpcTransport(channel=secure))
+            assert [j.name for j in client.list_custom_jobs(parent=parent)] == [created.name]
+        finally:
+            secure.close()
+        printed = service.log.read_text()
+        assert f"local Vertex AI listening on 127.0.0.1:{grpc_port}" in printed
+        assert f"TLS on 127.0.0.1:{tls_port}, certificate in {certificate}" in printed

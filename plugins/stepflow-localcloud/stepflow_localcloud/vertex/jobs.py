@@ -8,6 +8,10 @@ Lifecycle, as Vertex AI reports it::
       -> JOB_STATE_FAILED + error           non-zero exit, out of memory, scheduling.timeout, no image
     CancelCustomJob before the end: JOB_STATE_CANCELLING -> JOB_STATE_CANCELLED + error code 1
 
+A failed job's error is the service's documented sentence (exit status, termination reason) and
+where the logs are, without the container's output: Vertex AI documents no way for a container
+to set ``CustomJob.error``, so what went wrong inside it is read from its log entries.
+
 Only the first worker pool's single replica runs (task ``workerpool0-0``).
 """
 
@@ -22,7 +26,6 @@ import logging
 import time
 import urllib.parse
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +48,6 @@ INSTANCE_LABEL = "stepflow.local-vertex.instance"
 TASK = "workerpool0-0"
 TERMINAL = frozenset({State.JOB_STATE_SUCCEEDED, State.JOB_STATE_FAILED, State.JOB_STATE_CANCELLED})
 DEFAULT_TIMEOUT = dt.timedelta(days=7)  # the service's default scheduling.timeout
-STDERR_TAIL = 5
 
 
 def _stamp(ns: int | None) -> timestamp_pb2.Timestamp | None:
@@ -76,7 +78,6 @@ class CustomJobRecord:
     exit_code: int | None = None
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
 
     def __post_init__(self) -> None:
         self.update_ns = self.create_ns
@@ -201,8 +202,10 @@ class DockerExecutor:
                     f"The replica {TASK} could not pull the image {image}: {exc.message}. Check that the image "
                     "exists and the job's service account can read it.")
         container = held["container"] = await self._create(job, pool, image)
-        # Attached before the start, as `docker run` is: no output can be missed.
-        async with container.attach(stdout=True, stderr=True, logs=True) as stream:
+        # Attached before the start, as `docker run` is: no output can be missed. No log replay
+        # (logs=False): the daemon replays after answering the attach, so a container started at once
+        # could have its first lines both replayed and streamed, i.e. logged twice.
+        async with container.attach(stdout=True, stderr=True, logs=False) as stream:
             await self._until_cancel(job, asyncio.sleep(self.phase_delay))
             try:
                 await container.start()
@@ -228,14 +231,13 @@ class DockerExecutor:
         job.exit_code = int(state.get("ExitCode", -1))
         if job.exit_code == 0:
             return "ok"
-        tail = "\n".join(job.stderr_tail)
-        reason = "OOMKilled" if state.get("OOMKilled") else "Error"
-        what = "ran out of memory and exited" if state.get("OOMKilled") else "exited"
-        message = (f"The replica {TASK} {what} with a non-zero status of {job.exit_code}. Termination reason: "
-                   f"{reason}.")
-        if tail:
-            message += f"\nLast lines of stderr:\n{tail}"
-        return code_pb2.INVALID_ARGUMENT, message + "\n" + _logs_hint(job)
+        # The documented sentences of the service (exit code and reason only), then where the logs are.
+        if state.get("OOMKilled"):
+            message = f"The replica {TASK} ran out of memory and exited with a non-zero status of {job.exit_code}."
+        else:
+            message = (f"The replica {TASK} exited with a non-zero status of {job.exit_code}. "
+                       "Termination reason: Error.")
+        return code_pb2.INVALID_ARGUMENT, f"{message} {_logs_hint(job)}"
 
     async def _until_cancel(self, job: CustomJobRecord, work: Awaitable[Any]) -> Any:
         """Await ``work`` unless the job is cancelled first (then raise _Cancel)."""
@@ -309,8 +311,6 @@ class DockerExecutor:
 
     def _log(self, job: CustomJobRecord, line: str, fd: int) -> None:
         self.logs.append(job.project, job.job_id, line, ERROR if fd == 2 else INFO, TASK)
-        if fd == 2 and line.strip():
-            job.stderr_tail.append(line)
 
     def environment(self, job: CustomJobRecord) -> dict[str, str]:
         """What the container sees: the configured extras, the spec's env, then what Vertex AI sets."""

@@ -1,7 +1,10 @@
 """What Vertex AI checks in a CustomJob before accepting it, and its errors as gRPC statuses.
 
 Field errors read as the service's do: ``List of found errors:<TAB>1.Field: <path>; Message: <text><TAB>``,
-with the same violations as a ``google.rpc.BadRequest`` in the status details.
+with the same violations as a ``google.rpc.BadRequest`` in the status details. Paths are relative to
+the CustomJob (``job_spec.worker_pool_specs[0].machine_spec.accelerator_type``), as the service writes
+them. An accelerator a machine type cannot carry is refused with the service's plain sentence
+(``Accelerator "NVIDIA_TESLA_K80" is not supported for machine type "n1-standard-4"``).
 """
 
 from __future__ import annotations
@@ -89,15 +92,22 @@ class Violations:
     """Field errors gathered over a whole request, reported together as the service does."""
 
     found: list[tuple[str, str]] = field(default_factory=list)
+    plain: list[str] = field(default_factory=list)
 
     def add(self, path: str, message: str) -> None:
         """Record that the field at ``path`` is wrong."""
         self.found.append((path, message))
 
+    def add_plain(self, message: str) -> None:
+        """Record a problem the service reports as a sentence of its own, not as a field violation."""
+        self.plain.append(message)
+
     def raise_if_any(self) -> None:
-        """INVALID_ARGUMENT listing every violation, if there is one."""
+        """INVALID_ARGUMENT listing every field violation, else the first plain problem, if any."""
         if self.found:
             raise invalid_fields(self.found)
+        if self.plain:
+            raise invalid(self.plain[0])
 
 
 def invalid_fields(found: list[tuple[str, str]]) -> ApiError:
@@ -151,23 +161,23 @@ def validate_custom_job(job: aiplatform_v1.CustomJob) -> None:
     """Everything CreateCustomJob rejects with INVALID_ARGUMENT, all violations at once."""
     v = Violations()
     if not job.display_name:
-        v.add("custom_job.display_name", "Required field is not set.")
+        v.add("display_name", "Required field is not set.")
     elif len(job.display_name) > 128:
-        v.add("custom_job.display_name", "Display name must be at most 128 characters long.")
-    validate_labels(job.labels, "custom_job.labels", v)
+        v.add("display_name", "Display name must be at most 128 characters long.")
+    validate_labels(job.labels, "labels", v)
     spec = job.job_spec
     pools = list(spec.worker_pool_specs)
     if not pools:
-        v.add("custom_job.job_spec.worker_pool_specs", "Required field is not set: at least one worker pool spec "
+        v.add("job_spec.worker_pool_specs", "Required field is not set: at least one worker pool spec "
                                                        "is needed.")
     for i, pool in enumerate(pools):
-        _validate_pool(pool, i, f"custom_job.job_spec.worker_pool_specs[{i}]", v)
+        _validate_pool(pool, i, f"job_spec.worker_pool_specs[{i}]", v)
     timeout = spec.scheduling.timeout if "scheduling" in spec else None
     if timeout is not None and (timeout < dt.timedelta(0) or timeout > MAX_TIMEOUT):
-        v.add("custom_job.job_spec.scheduling.timeout", "Timeout must be positive and at most 7 days.")
+        v.add("job_spec.scheduling.timeout", "Timeout must be positive and at most 7 days.")
     base = spec.base_output_directory.output_uri_prefix if "base_output_directory" in spec else ""
     if "base_output_directory" in spec and not base.startswith("gs://"):
-        v.add("custom_job.job_spec.base_output_directory.output_uri_prefix",
+        v.add("job_spec.base_output_directory.output_uri_prefix",
               f'Output URI prefix "{base}" is not a Cloud Storage URI (gs://bucket/path).')
     v.raise_if_any()
 
@@ -215,11 +225,9 @@ def _validate_machine(machine: aiplatform_v1.MachineSpec, path: str, v: Violatio
         v.add(f"{path}.accelerator_count", "Accelerator count must not be negative.")
         return
     has_type = accel != Accelerator.ACCELERATOR_TYPE_UNSPECIFIED
-    if count and not has_type:
-        v.add(f"{path}.accelerator_type", f"Accelerator count is {count} but no accelerator type is set.")
-        return
-    if has_type and not count:
-        v.add(f"{path}.accelerator_count", f"Accelerator type {accel.name} needs an accelerator count of at least 1.")
+    if bool(count) != has_type:
+        v.add(f"{path}.accelerator_type",
+              "Both `accelerator_type` and `accelerator_count` should be specified or none.")
         return
     fixed = FIXED_ACCELERATORS.get(mtype)
     if fixed is not None:
@@ -231,14 +239,9 @@ def _validate_machine(machine: aiplatform_v1.MachineSpec, path: str, v: Violatio
         return
     if not has_type:
         return
-    if not mtype.startswith("n1-"):
-        v.add(f"{path}.accelerator_type", f'Accelerator type {accel.name} is not supported with machine type '
-                                          f'"{mtype}": GPUs attach to N1 machines or come with A2/G2/A3 ones.')
-        return
-    counts = N1_ACCELERATORS.get(accel)
-    if counts is None:
-        v.add(f"{path}.accelerator_type", f'Accelerator type {accel.name} is not supported with machine type '
-                                          f'"{mtype}".')
+    counts = N1_ACCELERATORS.get(accel) if mtype.startswith("n1-") else None
+    if counts is None:  # GPUs attach to N1 machines only (A2/G2/A3 ones come with their own)
+        v.add_plain(f'Accelerator "{accel.name}" is not supported for machine type "{mtype}"')
     elif count not in counts:
         v.add(f"{path}.accelerator_count", f"Accelerator count {count} is not supported for {accel.name}: use one "
                                            f"of {', '.join(map(str, counts))}.")
