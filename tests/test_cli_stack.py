@@ -218,8 +218,9 @@ def _with_op() -> None:
         (None, ["step-operator", "register", "x"], ["--type FLAVOR is required", "available: ", "local"]),
         (None, ["step-operator", "register", "x", "--type=local", "--instance_type=ml.m5.large"],
          ["unknown option 'instance_type'", "Valid options: --max_threads (int), --max_concurrency"]),
-        (None, ["container-registry", "register", "r", "--type=default"],
-         ["missing required option 'uri'", "Valid options: --uri (str, required), --username"]),
+        (None, ["container-registry", "register", "r", "--type=default"], ["missing required option 'uri'"]),
+        (None, ["step-operator", "register", "x", "--type=local", "--max_thread=4"],
+         ["unknown option 'max_thread' (did you mean --max_threads?)"]),
         (None, ["step-operator", "register", "x", "--type=local", "--max_threads=abc"],
          ["option 'max_threads' expects int, got 'abc' (expected an integer)"]),
         (None, ["step-operator", "register", "bad/name", "--type=local"], ["invalid step-operator name 'bad/name'"]),
@@ -250,6 +251,9 @@ def test_bad_input_exits_2_with_a_clear_message(cli_env: dict[str, str], setup: 
     stderr = err(args, cli_env)
     for message in messages:
         assert message in stderr
+    # One short answer: the valid options are listed only for an unknown option with no close match.
+    assert ("Valid options:" in stderr) == any(m.startswith("unknown option") and "did you mean" not in m
+                                               for m in messages)
 
 
 def test_corrupt_store(cli_env: dict[str, str]) -> None:

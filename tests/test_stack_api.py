@@ -45,7 +45,7 @@ def test_register_validate_update_delete_component() -> None:
     assert c.describe_component("step_operator", "fast")["config"] == {"max_threads": 4, "max_concurrency": None}
     with pytest.raises(ConfigError, match="a step-operator named 'fast' already exists"):
         c.register_component("step_operator", "fast", "local")
-    with pytest.raises(ConfigError, match=r"option 'max_threads' expects int, got 'many'.*Valid options: --max_threads \(int\), --max_concurrency"):
+    with pytest.raises(ConfigError, match=r"option 'max_threads' expects int, got 'many' \(expected an integer\)$"):
         c.register_component("step_operator", "x", "local", {"max_threads": "many"})
     with pytest.raises(ConfigError, match=r"unknown step-operator flavor 'nonexistent'; available: (.*, )?local"):
         c.register_component("step_operator", "x", "nonexistent")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -186,12 +187,16 @@ def build(cls: type, values: Mapping[str, Any], *, what: str, partial_ok: bool =
     """
     fields = {s.name: s for s in specs(cls)}
     problems = []
+    unknown = False  # an unknown option with no close match: list the valid ones
     kwargs: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = normalize_key(raw_key)
         spec = fields.get(key)
         if spec is None:
-            problems.append(f"unknown option '{raw_key}'")
+            close = difflib.get_close_matches(key, list(fields), n=2, cutoff=0.7)
+            problems.append(f"unknown option '{raw_key}'" + (f" (did you mean --{' or --'.join(close)}?)"
+                                                             if close else ""))
+            unknown = unknown or not close
             continue
         if keep_env_refs and isinstance(value, str) and _ENV_REF.search(value):
             kwargs[key] = value
@@ -212,11 +217,12 @@ def build(cls: type, values: Mapping[str, Any], *, what: str, partial_ok: bool =
             if spec.required and spec.name not in kwargs:
                 problems.append(f"missing required option '{spec.name}' ({spec.doc})")
     if problems:
-        raise ConfigError(f"{what}: " + "; ".join(problems) + f". Valid options: {describe_valid(cls)}")
+        listing = f". Valid options: {describe_valid(cls)}" if unknown else ""
+        raise ConfigError(f"{what}: " + "; ".join(problems) + listing)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{what}: {exc}. Valid options: {describe_valid(cls)}") from None
+    except (TypeError, ValueError) as exc:  # a value the class refused says what to do itself
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def describe_valid(cls: type) -> str:
