@@ -1,0 +1,457 @@
+"""The ``dask`` step operator: each step attempt is one task on a Dask distributed cluster.
+
+The runner talks to the scheduler with ``distributed.Client(asynchronous=True)`` on its own
+event loop (no threads). Per attempt:
+
+1. the step function and its resolved inputs are pickled (a value that cannot be is reported
+   naming the step) and submitted under a deterministic key, ``stepflow-RUN-STEP-ATTEMPT``,
+   with the Dask resources, worker restrictions and priority of the step;
+2. the job is recorded in the run store, and the task is published on the scheduler under its
+   key: a published task outlives a runner that dies, so ``stepflow resume`` re-attaches to it
+   (``Client.get_dataset``) instead of running it again;
+3. the step's prints and log records and the worker it started on arrive as Dask events
+   (:mod:`stepflow_dask._task`) and are emitted as ``LogLine`` / ``JobStatusChanged``; a second
+   start means its worker died and Dask rescheduled it, which is an event, not a failure;
+4. the result comes back with the future; a step's exception comes back as data with its
+   remote traceback. Cancellation cancels the future and interrupts the step's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar
+
+import anyio
+import attrs
+import cloudpickle
+import distributed
+from distributed import Client, Future
+from distributed.client import FutureCancelledError
+
+from stepflow import NonRetryableError, StepflowError
+from stepflow.errors import ConfigError, JobStoppedError, RemoteStepError
+from stepflow.events import JobStatusChanged, JobSubmitted, LogLine
+from stepflow.interfaces import Invocation, StepOperator
+from stepflow.remote import RunResources
+from stepflow.resources import Resources
+from stepflow_dask import _task
+from stepflow_dask.flavor import DaskOperatorConfig, DaskSettings
+
+#: Distributions whose versions must match between the runner and the cluster, beyond Dask's own.
+CHECKED_PACKAGES = ("stepflow", "stepflow-dask")
+#: Dask's own packages worth failing for (a micro Python difference is fine for cloudpickle).
+DASK_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack", "tornado", "toolz")
+#: Seconds a fetched list of the cluster's workers is reused to check steps' resources.
+IDENTITY_TTL = 2.0
+
+
+class DaskOperatorError(NonRetryableError):
+    """The Dask cluster refused or lost a step (the message says what and how to fix it)."""
+
+
+class RemoteNonRetryableError(RemoteStepError, NonRetryableError):
+    """The step raised NonRetryableError on the cluster, or the cluster cannot load it at all."""
+
+
+def task_key(run_id: str, step: str, attempt: int) -> str:
+    """The deterministic Dask key of one attempt: the same run, step and attempt give the same key."""
+    return f"stepflow-{run_id}-{re.sub(r'[^A-Za-z0-9_.-]', '_', step)}-{attempt}"
+
+
+@attrs.define
+class _Watch:
+    """What the event handler needs to report one running attempt."""
+
+    emit: Callable[..., None]
+    worker: str = ""
+    starts: int = 0
+
+
+class _Batcher:
+    """Coalesces calls made in the same loop iteration into one call with all their items."""
+
+    def __init__(self, flush: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self.flush = flush
+        self.pending: dict[str, tuple[Any, asyncio.Future[None]]] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.inflight: dict[str, asyncio.Future[None]] = {}
+
+    def add(self, name: str, value: Any) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending[name] = (value, done)
+        self.inflight[name] = done
+        done.add_done_callback(lambda _: self.inflight.pop(name, None))
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+        return done
+
+    async def _run(self) -> None:
+        try:
+            while self.pending:
+                await asyncio.sleep(0)  # let the other steps started in this iteration join the batch
+                batch, self.pending = self.pending, {}
+                try:
+                    await self.flush({name: value for name, (value, _) in batch.items()})
+                except Exception as exc:
+                    for _, done in batch.values():
+                        if not done.done():
+                            done.set_exception(exc)
+                else:
+                    for _, done in batch.values():
+                        if not done.done():
+                            done.set_result(None)
+        finally:
+            self.task = None
+
+
+class DaskStepOperator(StepOperator):
+    """Runs each step attempt as a task on a Dask distributed cluster (see the module docstring)."""
+
+    flavor: ClassVar[str] = "dask"
+    requires_pickling: ClassVar[bool] = True
+    settings_class: ClassVar[type] = DaskSettings
+
+    def __init__(self, name: str = "dask", config: DaskOperatorConfig | None = None) -> None:
+        self.name = name
+        self.config = config or DaskOperatorConfig()
+        self.max_concurrency = self.config.max_concurrency
+        self.client: Client | None = None
+        self.cluster: Any = None
+        self.resources: RunResources | None = None
+        self._connecting: asyncio.Task[Client] | None = None
+        self._watches: dict[str, _Watch] = {}
+        self._publisher = _Batcher(self._publish)
+        self._released = _Batcher(self._unpublish)
+        #: Keys re-attached by this operator (tests and `stepflow resume` messages read it).
+        self.reattached: list[str] = []
+        self._identity_at: tuple[float, asyncio.Future[Any]] | None = None
+
+    @property
+    def what(self) -> str:
+        """``step-operator 'NAME' (dask at ADDRESS)`` for messages."""
+        return f"step-operator '{self.name}' (dask at {self.config.address})"
+
+    # ------------------------------------------------------------------ run lifecycle
+    async def attach(self, resources: RunResources) -> None:
+        """Receive the run's resources (its run store, and whether it resumes an interrupted run)."""
+        self.resources = resources
+
+    async def prepare(self) -> None:
+        """Reach the scheduler (or start the local cluster) and compare versions, once per run."""
+        await self.connect()
+
+    async def connect(self) -> Client:
+        """The connected client, connecting on first use (concurrent callers share one attempt)."""
+        if self.client is not None:
+            return self.client
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            return await asyncio.shield(self._connecting)
+        except StepflowError:
+            failed, self._connecting = self._connecting, None
+            raise type(failed.exception())(*failed.exception().args) from None  # type: ignore[union-attr]
+
+    async def _connect(self) -> Client:
+        cfg = self.config
+        address: Any = cfg.address
+        if cfg.address == "local":
+            self.cluster = await distributed.LocalCluster(
+                n_workers=cfg.local_workers, threads_per_worker=cfg.local_threads_per_worker, processes=True,
+                asynchronous=True, dashboard_address=":0", resources=dict(cfg.local_resources) or None)
+            address = self.cluster
+        security = None
+        if cfg.tls_ca_file:
+            security = distributed.Security(tls_ca_file=cfg.tls_ca_file, tls_client_cert=cfg.tls_client_cert,
+                                            tls_client_key=cfg.tls_client_key, require_encryption=True)
+        started = time.monotonic()
+        try:
+            client = await Client(address, asynchronous=True, timeout=cfg.connect_timeout, security=security,
+                                  set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            waited = time.monotonic() - started
+            raise ConfigError(f"{self.what}: cannot reach the Dask scheduler at {cfg.address} (tried for "
+                              f"{waited:.0f} s: {type(exc).__name__}: {_first_line(exc)}); start it (`dask scheduler`) "
+                              "or fix --address, or raise --connect_timeout") from None
+        try:
+            if cfg.check_versions:
+                await self._check_versions(client)
+            client.subscribe_topic(_task.TOPIC, self._on_event)
+        except BaseException:
+            await client.close()
+            raise
+        self.client = client
+        return client
+
+    async def _check_versions(self, client: Client) -> None:
+        versions = await client.get_versions(packages=list(CHECKED_PACKAGES))
+        problem = version_mismatch(versions)
+        if problem:
+            raise ConfigError(f"{self.what}: {problem}; install the same versions on this machine and on the "
+                              "scheduler and workers (or set --check_versions=false)")
+
+    async def aclose(self) -> None:
+        """Close the client, and stop the local cluster when this run started one."""
+        client, self.client, self._connecting = self.client, None, None
+        with contextlib.suppress(Exception):  # closing must not hide the run's outcome
+            if client is not None:
+                client.unsubscribe_topic(_task.TOPIC)
+                await client.close()
+        cluster, self.cluster = self.cluster, None
+        with contextlib.suppress(Exception):
+            if cluster is not None:
+                await cluster.close()
+
+    # ------------------------------------------------------------------ settings
+    def _settings(self, settings: Mapping[str, Any]) -> DaskSettings:
+        return DaskSettings(**dict(settings)) if settings else DaskSettings()
+
+    def validate_settings(self, settings: Mapping[str, Any], resources: Resources | None = None) -> list[str]:
+        """Problems of one step's resources for Dask (settings keys are checked by the run)."""
+        try:
+            self.task_resources(resources, self._settings(settings))
+        except (ConfigError, TypeError, ValueError) as exc:
+            return [str(exc)]
+        return []
+
+    def task_resources(self, resources: Resources | None, settings: DaskSettings) -> dict[str, float]:
+        """The Dask worker resources one step asks for: the operator's, the step's Resources, its settings."""
+        cfg = self.config
+        out: dict[str, float] = dict(cfg.resources)
+        if resources is not None:
+            if resources.gpu_type:
+                raise ConfigError(f"{self.what}: Resources(gpu_type={resources.gpu_type!r}) has no Dask equivalent; "
+                                  "declare a worker resource for it (dask worker --resources 'A100=1') and ask for "
+                                  "it with settings={'dask': {'resources': {'A100': 1}}}")
+            if resources.gpu and cfg.gpu_resource:
+                out[cfg.gpu_resource] = float(resources.gpu)
+            if resources.memory_mib and cfg.memory_resource:
+                out[cfg.memory_resource] = float(math.ceil(resources.memory_mib * 1024 * 1024))
+            if resources.cpu and cfg.cpu_resource:
+                out[cfg.cpu_resource] = float(resources.cpu)
+        out.update(settings.resources)
+        return out
+
+    # ------------------------------------------------------------------ one attempt
+    async def launch(self, invocation: Invocation) -> Any:
+        """Run one attempt as a Dask task and return its value (or raise its error)."""
+        inv = invocation
+        client = await self.connect()
+        settings = self._settings(inv.settings)
+        key = task_key(inv.run_id, inv.step, inv.attempt)
+        watch = self._watches[key] = _Watch(inv.emit)
+        future: Future | None = None
+        published = False
+        try:
+            future = await self._reattach(client, inv, key)
+            if future is not None:
+                published = True
+            else:
+                future = await self._submit(client, inv, settings, key)
+                if self.config.reattach:
+                    published = True
+                    await self._publisher.add(key, future)
+                inv.emit(JobSubmitted, operator=self.name, job_id=key, attempt=inv.attempt)
+            outcome = await future
+            await asyncio.sleep(0)  # log events that arrived with the result are handled first
+        except FutureCancelledError:
+            self._release(future, key, published)
+            await self._record(inv, "stopped")
+            raise JobStoppedError(f"the Dask task {key} of step '{inv.step}' was cancelled on the cluster outside "
+                                  "stepflow") from None
+        except BaseException as exc:
+            if future is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._stop(client, future, key, watch, published)
+            if isinstance(exc, Exception) and not isinstance(exc, StepflowError):
+                raise self._lost(inv, key, exc) from None
+            raise
+        finally:
+            self._watches.pop(key, None)
+        self._release(future, key, published)
+        await self._record(inv, "succeeded" if outcome.get("ok") else "failed")
+        if outcome.get("ok"):
+            return outcome.get("value")
+        cls = RemoteNonRetryableError if outcome.get("nonretryable") else RemoteStepError
+        raise cls(f"{outcome.get('type')}: {outcome.get('message')}", remote_traceback=str(outcome.get("traceback")),
+                  remote_type=str(outcome.get("type")))
+
+    async def _reattach(self, client: Client, inv: Invocation, key: str) -> Future | None:
+        """On a resumed run, the task a dead runner left on the cluster (None when there is none)."""
+        res = self.resources
+        if res is None or not res.resumed or res.run_store is None or not self.config.reattach:
+            return None
+        recorded = await anyio.to_thread.run_sync(res.run_store.find_job, inv.run_id, inv.step, inv.attempt)
+        if recorded is None:
+            return None
+        if key not in await client.list_datasets():
+            inv.emit(LogLine, line=f"task {key} is no longer on the Dask cluster (its scheduler restarted, or the "
+                     "task was cancelled); running the step again", stream="stepflow")
+            return None
+        future: Future = await client.get_dataset(key)
+        self.reattached.append(key)
+        inv.emit(LogLine, line=f"re-attached to task {key} on the Dask cluster", stream="stepflow")
+        inv.emit(JobSubmitted, operator=self.name, job_id=key, attempt=inv.attempt)
+        return future
+
+    async def _submit(self, client: Client, inv: Invocation, settings: DaskSettings, key: str) -> Future:
+        try:
+            target = _task.function_ref(inv.fn) or inv.fn
+            payload = cloudpickle.dumps((target, inv.args, dict(inv.kwargs)))
+        except Exception as exc:
+            raise NonRetryableError(f"step '{inv.step}': its inputs cannot be serialized for the Dask cluster "
+                                    f"({type(exc).__name__}: {_first_line(exc)}); return plain data from the "
+                                    "upstream step, or run this step on another operator") from None
+        wanted = self.task_resources(inv.resources, settings)
+        workers = list(settings.workers or self.config.workers)
+        allow_other = (settings.allow_other_workers if settings.allow_other_workers is not None
+                       else self.config.allow_other_workers)
+        if wanted or workers:
+            self._check_cluster(await self._identity(client), inv.step, wanted, workers, allow_other)
+        await self._record(inv, None, key)
+        future = client.submit(
+            _task.run_step, payload, key, inv.run_id, inv.step, inv.attempt, inv.pipeline, key=key, pure=False,
+            resources=wanted or None, workers=workers or None, allow_other_workers=allow_other and bool(workers),
+            priority=settings.priority if settings.priority is not None else self.config.priority)
+        return future
+
+    async def _identity(self, client: Client) -> dict[str, Any]:
+        """The scheduler's view of its workers, asked at most every IDENTITY_TTL seconds."""
+        now = time.monotonic()
+        if self._identity_at is None or now - self._identity_at[0] > IDENTITY_TTL:
+            self._identity_at = (now, asyncio.ensure_future(client.scheduler.identity(n_workers=-1)))
+        return dict(await asyncio.shield(self._identity_at[1]))
+
+    def _check_cluster(self, info: Mapping[str, Any], step: str, wanted: Mapping[str, float], workers: list[str],
+                       allow_other: bool) -> None:
+        """Refuse a step no worker can run now, instead of letting it wait forever."""
+        known = list((info.get("workers") or {}).values())
+        if not known:
+            return  # an adaptive cluster may still be scaling up: Dask queues the task
+        if workers and not allow_other:
+            names = {str(w.get(f)) for w in known for f in ("id", "name", "host")} | {a for a in info["workers"]}
+            names |= {a.split("://")[-1].rsplit(":", 1)[0] for a in info["workers"]}
+            if not any(w in names for w in workers):
+                raise DaskOperatorError(f"step '{step}': none of the workers {', '.join(workers)} is in the Dask "
+                                        f"cluster at {self.config.address}; fix --workers (or allow_other_workers)")
+        for resource, amount in wanted.items():
+            best = max((float((w.get("resources") or {}).get(resource, 0)) for w in known), default=0.0)
+            if best < amount:
+                have = (f"the most any worker has is {best:g}" if best
+                        else "no worker declares it")
+                raise DaskOperatorError(f"step '{step}': needs Dask worker resource {resource}={amount:g}, but {have} "
+                                        f"(of {len(known)} workers at {self.config.address}); start workers with "
+                                        f"`dask worker --resources '{resource}={amount:g}'` or lower the step's "
+                                        "resources")
+
+    async def _record(self, inv: Invocation, status: str | None, key: str = "") -> None:
+        res = self.resources
+        if res is None or res.run_store is None:
+            return
+        store = res.run_store
+        if status is None:
+            spec = json.dumps({"address": self.config.address, "key": key})
+            await anyio.to_thread.run_sync(store.record_job, inv.run_id, inv.step, inv.attempt, self.name, key, key,
+                                           None, spec)
+        else:
+            await anyio.to_thread.run_sync(store.update_job, inv.run_id, inv.step, inv.attempt, status)
+
+    # ------------------------------------------------------------------ events from the cluster
+    def _on_event(self, event: Any) -> None:
+        _, msg = event
+        watch = self._watches.get(str(msg.get("key")))
+        if watch is None:
+            return
+        if msg.get("kind") == "log":
+            watch.emit(LogLine, line=str(msg.get("line", "")), stream=str(msg.get("stream", "stdout")))
+        elif msg.get("kind") == "start":
+            where = str(msg.get("worker", ""))
+            watch.starts += 1
+            if watch.starts == 1:
+                watch.emit(JobStatusChanged, job_id=str(msg["key"]), status="running", detail=f"on worker {where}")
+            else:
+                watch.emit(JobStatusChanged, job_id=str(msg["key"]), status="rescheduled",
+                           detail=f"worker {watch.worker} left the cluster while running the step; Dask runs it "
+                                  f"again on {where}")
+            watch.worker = where
+
+    # ------------------------------------------------------------------ ends
+    async def _publish(self, futures: dict[str, Any]) -> None:
+        client = self.client
+        if client is not None:
+            await client.publish_dataset(futures, override=True)
+
+    async def _unpublish(self, names: dict[str, Any]) -> None:
+        client = self.client
+        if client is not None:
+            await asyncio.gather(*(client.unpublish_dataset(name) for name in names), return_exceptions=True)
+
+    def _release(self, future: Future | None, key: str, published: bool) -> None:
+        if published:
+            self._released.add(key, None)
+        if future is not None:
+            future.release()
+
+    async def _stop(self, client: Client, future: Future, key: str, watch: _Watch, published: bool) -> None:
+        """Cancel the task, take it off the scheduler and free the worker thread running it."""
+        with contextlib.suppress(Exception):  # best effort: the cancellation itself must propagate
+            with anyio.fail_after(10):
+                publishing = self._publisher.inflight.get(key)
+                if publishing is not None:  # published after we unpublish, it would hold the task forever
+                    await asyncio.wait([publishing])
+                await client.cancel([future], force=True, reason="cancelled by stepflow")
+                if published:
+                    with contextlib.suppress(Exception):
+                        await client.unpublish_dataset(key)
+                if watch.starts:
+                    await client.run(_task.interrupt, [key], on_error="ignore")
+
+    def _lost(self, inv: Invocation, key: str, exc: BaseException) -> Exception:
+        name = type(exc).__name__
+        if name == "KilledWorker":
+            return RemoteStepError(f"step '{inv.step}': Dask gave up on task {key} after the workers running it died "
+                                   f"too often ({_first_line(exc)}); it may crash its worker (memory?)")
+        if isinstance(exc, TypeError) and "serialize" in str(exc):
+            return RemoteNonRetryableError(f"step '{inv.step}': its output cannot be sent back from the Dask cluster "
+                                           f"({_first_line(exc)}); return plain data (lists, dicts, numbers, "
+                                           "arrays)")
+        return RemoteStepError(f"step '{inv.step}': the Dask cluster at {self.config.address} lost task {key} "
+                               f"({name}: {_first_line(exc)})")
+
+
+def version_mismatch(versions: Mapping[str, Any]) -> str:
+    """One line naming each package whose version differs between client, scheduler and workers ('' when none)."""
+    client = (versions.get("client") or {}).get("packages") or {}
+    places: list[tuple[str, Mapping[str, Any]]] = [("the scheduler", (versions.get("scheduler") or {}).get("packages")
+                                                    or {})]
+    places += [(f"worker {addr}", (v or {}).get("packages") or {}) for addr, v in
+               sorted((versions.get("workers") or {}).items())]
+    problems = []
+    for package in ("python", *DASK_PACKAGES, *CHECKED_PACKAGES):
+        mine = _comparable(package, client.get(package))
+        for where, theirs in places:
+            if where == "the scheduler" and package == "stepflow":
+                continue  # the scheduler loads the task function (stepflow-dask), never a step
+            other = _comparable(package, theirs.get(package))
+            if other != mine:
+                problems.append(f"{package} {mine or 'missing'} here but {other or 'missing'} on {where}")
+                break
+    return ("package versions differ: " + "; ".join(problems)) if problems else ""
+
+
+def _comparable(package: str, version: Any) -> str:
+    text = "" if version is None else str(version)
+    if package == "python":  # cloudpickle payloads load across micro versions
+        return ".".join(text.split(".")[:2])
+    return text
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

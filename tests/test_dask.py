@@ -1,0 +1,307 @@
+"""The dask step operator on a real cluster: a `dask scheduler` and two `dask worker` processes.
+
+One module-scoped cluster on 127.0.0.1 serves every test. Workers run without a nanny, so a
+SIGKILLed worker stays dead (the test then starts a fresh one for the tests after it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from stepflow import EventBus, run
+from stepflow._stack.client import Client
+from stepflow.errors import ConfigError
+from stepflow.events import JobStatusChanged, LogLine, StepSucceeded
+from stepflow.testing import capture_events, check_step_operator_flavor
+from tests import dask_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+DASK = str(Path(sys.executable).with_name("dask"))
+pytestmark = pytest.mark.anyio
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """A scheduler and its worker processes, started with the `dask` command line."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self.scheduler = self._spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                                   "--no-dashboard"])
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
+        return subprocess.Popen([DASK, *args], cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def add_worker(self, env: dict[str, str] | None = None, name: str = "") -> str:
+        port = free_port()
+        address = f"tcp://127.0.0.1:{port}"
+        self.workers[address] = self._spawn(
+            f"worker-{port}", ["worker", self.address, "--host", "127.0.0.1", "--worker-port", str(port),
+                               "--nthreads", "2", "--no-nanny", "--no-dashboard", "--name", name or f"w{port}"], env)
+        return address
+
+    def wait_for(self, addresses: set[str], timeout: float = 60) -> None:
+        from distributed import Client as DaskClient
+
+        deadline = time.monotonic() + timeout
+        with DaskClient(self.address, timeout=timeout) as client:
+            while set(client.scheduler_info(n_workers=-1)["workers"]) != addresses:
+                assert time.monotonic() < deadline, f"workers {addresses} did not join: see {self.logs}"
+                time.sleep(0.1)
+
+    def kill(self, address: str) -> None:
+        proc = self.workers.pop(address)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def ensure_two(self) -> None:
+        while len(self.workers) < 2:
+            self.add_worker()
+        self.wait_for(set(self.workers))
+
+    def close(self) -> None:
+        for proc in [*self.workers.values(), self.scheduler]:
+            proc.terminate()
+        for proc in [*self.workers.values(), self.scheduler]:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("dask-logs"))
+    try:
+        c.add_worker()
+        c.add_worker()
+        c.wait_for(set(c.workers))
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def dask_stack(cluster: Cluster) -> Cluster:
+    """The test's home has a `dask` step operator on the cluster in its active stack (two workers up)."""
+    cluster.ensure_two()
+    client = Client()
+    client.register_component("step_operator", "dask", "dask", {"address": cluster.address})
+    client.register_stack("dask_stack", artifact_store="default", step_operators=["dask", "local"])
+    client.set_active_stack("dask_stack")
+    return cluster
+
+
+async def observe(address: str) -> object:
+    from distributed import Client as DaskClient
+
+    return await DaskClient(address, asynchronous=True, set_as_default=False)
+
+
+# ---------------------------------------------------------------------------------------------- 1
+async def test_example_fans_out_over_both_workers(dask_stack: Cluster) -> None:
+    from examples.dask import pipeline as example
+
+    bus = EventBus()
+    async with capture_events(bus) as events:
+        result = await run(example.ingestion(partitions=100, rows=500), event_bus=bus)
+    assert result.status == "succeeded", result
+    source = example.plan.fn(500)
+    expected = example.summarize.fn([example.ingest.fn(source, p) for p in range(100)])
+    got = dict(result.output)
+    assert {k: v for k, v in got.items() if k != "processes"} == pytest.approx(
+        {k: v for k, v in expected.items() if k != "processes"})
+    assert got["processes"] == 2  # two worker processes ran partitions
+    where = {e.detail.removeprefix("on worker ") for e in events.of_type(JobStatusChanged) if e.status == "running"}
+    assert where == set(dask_stack.workers), where
+    assert len(events.of_type(StepSucceeded)) == 102
+    logs = [e.line for e in events.of_type(LogLine) if e.step == "ingest_007"]
+    assert any("partition 7:" in line for line in logs), logs  # a log record from the worker
+
+
+# ---------------------------------------------------------------------------------------------- 2
+async def test_worker_sigkilled_mid_step_is_rescheduled(dask_stack: Cluster, tmp_path: Path) -> None:
+    marker = tmp_path / "executions"
+    bus = EventBus()
+    killed: list[str] = []
+    where: dict[str, str] = {}
+
+    @bus.on((JobStatusChanged, LogLine))
+    async def kill_a_busy_worker(ev: JobStatusChanged | LogLine) -> None:
+        if isinstance(ev, JobStatusChanged) and ev.status == "running":
+            where[ev.step] = ev.detail.removeprefix("on worker ")
+        elif isinstance(ev, LogLine) and "starts" in ev.line and not killed:  # the step is running its code
+            killed.append(where[ev.step])
+            dask_stack.kill(killed[0])
+
+    async with capture_events(bus) as events:
+        result = await run(dask_steps.naps(str(marker), count=3, seconds=1.5), event_bus=bus)
+    assert result.status == "succeeded", result
+    assert result.output == 0 + 1 + 4
+    assert {name: res.attempts for name, res in result.steps.items()} == {"nap_0": 1, "nap_1": 1, "nap_2": 1,
+                                                                         "total": 1}
+    succeeded = [e.step for e in events.of_type(StepSucceeded)]
+    assert sorted(succeeded) == ["nap_0", "nap_1", "nap_2", "total"]  # each exactly once
+    moved = [e for e in events.of_type(JobStatusChanged) if e.status == "rescheduled"]
+    assert moved and killed[0] in moved[0].detail, [e.detail for e in events.of_type(JobStatusChanged)]
+    lines = marker.read_text().split()
+    assert len([x for x in lines if x.startswith("nap_")]) >= 4  # the killed step started twice
+    dask_stack.ensure_two()
+
+
+# ---------------------------------------------------------------------------------------------- 3
+async def test_cancel_cancels_every_future_and_idles_the_cluster(dask_stack: Cluster, tmp_path: Path) -> None:
+    marker = tmp_path / "executions"
+    bus = EventBus()
+    running: list[str] = []
+
+    @bus.on(JobStatusChanged)
+    async def seen(ev: JobStatusChanged) -> None:
+        if ev.status == "running":
+            running.append(ev.step)
+
+    watcher = await observe(dask_stack.address)
+    try:
+        with anyio.move_on_after(60) as scope:
+            async with anyio.create_task_group() as tg:
+                async def go() -> None:
+                    await run(dask_steps.naps(str(marker), count=6, seconds=60), event_bus=bus)
+
+                tg.start_soon(go)
+                while len(running) < 4:  # two workers with two threads each
+                    await anyio.sleep(0.05)
+                cancelled_at = time.monotonic()
+                tg.cancel_scope.cancel()
+        assert not scope.cancelled_caught, "the steps never all started"
+
+        def tasks_on_scheduler(dask_scheduler: object) -> int:
+            return len(dask_scheduler.tasks)  # type: ignore[attr-defined]
+
+        def executing(dask_worker: object) -> int:
+            return int(dask_worker.state.executing_count)  # type: ignore[attr-defined]
+
+        while True:
+            left = await watcher.run_on_scheduler(tasks_on_scheduler)  # type: ignore[attr-defined]
+            busy = await watcher.run(executing)  # type: ignore[attr-defined]
+            if left == 0 and not any(busy.values()):
+                break
+            assert time.monotonic() - cancelled_at < 5, f"not idle 5 s after cancel: {left} tasks, executing {busy}"
+            await anyio.sleep(0.1)
+        assert await watcher.list_datasets() == ()  # type: ignore[attr-defined]
+    finally:
+        await watcher.close()  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------- 4
+def test_sigkilled_runner_resumes_by_reattaching(dask_stack: Cluster, tmp_path: Path) -> None:
+    home = tmp_path / "cli-home"
+    env = {**dask_stack.env, "STEPFLOW_HOME": str(home)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stepflow", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    registered = cli("step-operator", "register", "dask", "--type=dask", f"--address={dask_stack.address}")
+    assert registered.returncode == 0, registered.stderr
+    stacked = cli("stack", "register", "dask_stack", "-a", "default", "-s", "dask", "-s", "local")
+    assert stacked.returncode == 0, stacked.stderr
+    assert cli("stack", "set", "dask_stack").returncode == 0
+    marker = tmp_path / "executions"
+    run_id = f"dask-resume-{uuid.uuid4().hex[:6]}"
+    runner = subprocess.Popen([sys.executable, "-m", "stepflow", "run", "tests.dask_steps:naps", "-p",
+                               f"marker={marker}", "-p", "seconds=4", "--run-id", run_id, "--no-progress"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() or len(marker.read_text().splitlines()) < 4:
+        assert runner.poll() is None, runner.stdout.read() if runner.stdout else ""
+        assert time.monotonic() < deadline, "the steps never started"
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGKILL)
+    assert runner.wait(timeout=30) == -signal.SIGKILL
+
+    resumed = cli("resume", run_id, "--no-progress")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.stdout.count("re-attached to task") == 4, resumed.stdout
+    assert sorted(marker.read_text().split()[::2]) == ["nap_0", "nap_1", "nap_2", "nap_3"]  # none ran twice
+    shown = cli("runs", "show", run_id)
+    assert "succeeded" in shown.stdout, shown.stdout
+    assert "14" in resumed.stdout, resumed.stdout  # 0 + 1 + 4 + 9
+
+
+# ---------------------------------------------------------------------------------------------- 5
+def test_conformance(dask_stack: Cluster) -> None:
+    report = check_step_operator_flavor("dask", {"address": dask_stack.address}, settings={"priority": 5},
+                                        cancel_within=5.0)
+    assert "cancelling the run cancels a running step" in report.passed
+    assert not report.skipped
+
+
+# ---------------------------------------------------------------------------------------------- 7
+async def test_unreachable_scheduler_is_one_clear_error(tmp_path: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    client = Client()
+    client.register_component("step_operator", "dask", "dask", {"address": address, "connect_timeout": 1})
+    client.register_stack("gone", artifact_store="default", step_operators=["dask", "local"])
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        await run(dask_steps.naps(str(tmp_path / "m"), count=1, seconds=0), stack="gone")
+    message = str(caught.value)
+    assert address in message and "tried for 1 s" in message and "\n" not in message, message
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "m").exists()
+
+
+async def test_version_mismatch_names_the_package(dask_stack: Cluster, tmp_path: Path) -> None:
+    old = tmp_path / "old-site"
+    meta = old / "stepflow-0.0.1.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: stepflow\nVersion: 0.0.1\n")
+    env = {**dask_stack.env, "PYTHONPATH": os.pathsep.join([str(old), dask_stack.env["PYTHONPATH"]])}
+    stale = dask_stack.add_worker(env, name="stale")
+    try:
+        dask_stack.wait_for(set(dask_stack.workers))
+        with pytest.raises(ConfigError) as caught:
+            await run(dask_steps.naps(str(tmp_path / "m"), count=1, seconds=0))
+        message = str(caught.value)
+        assert f"stepflow 0.1.0 here but 0.0.1 on worker {stale}" in message and "\n" not in message, message
+    finally:
+        dask_stack.kill(stale)
+    assert not (tmp_path / "m").exists()
+
+
+async def test_resource_no_worker_has_fails_at_once(dask_stack: Cluster) -> None:
+    with anyio.fail_after(20):
+        result = await run(dask_steps.needs_gpu())
+    error = result.steps["on_gpu"].error
+    assert result.status == "failed" and error is not None
+    assert "GPU=1" in error.message and "no worker declares it" in error.message, error.message
+    assert result.steps["on_gpu"].attempts == 1
+
+
+async def test_unserializable_input_names_the_step(dask_stack: Cluster) -> None:
+    result = await run(dask_steps.unserializable(), check_outputs=False, persist=False)
+    error = result.steps["use"].error
+    assert result.status == "failed" and error is not None, {n: (r.status, r.error) for n, r in result.steps.items()}
+    assert "step 'use'" in error.message and "cannot be serialized for the Dask cluster" in error.message
