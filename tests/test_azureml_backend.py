@@ -26,6 +26,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+pytest.importorskip("azure.ai.ml", reason="azure-ai-ml is not installed: pip install -e "
+                    "'plugins/stepflow-localcloud[azureml-client]' (the real MLClient drives these tests)")
+
 from azure.ai.ml import MLClient, command
 from azure.ai.ml.entities import Environment, JobResourceConfiguration
 from azure.ai.ml.exceptions import JobException

@@ -7,4 +7,6 @@ as containers on the local Docker daemon:
   (``python -m stepflow_localcloud.sagemaker``).
 - :mod:`stepflow_localcloud.vertex`: Google Cloud Vertex AI custom jobs and their Cloud Logging
   entries, over gRPC (``python -m stepflow_localcloud.vertex``).
+- :mod:`stepflow_localcloud.azureml`: an Azure Machine Learning workspace and its command jobs,
+  over HTTPS for the real ``MLClient`` (``python -m stepflow_localcloud.azureml``).
 """

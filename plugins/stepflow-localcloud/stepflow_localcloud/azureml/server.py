@@ -285,6 +285,7 @@ class LocalAzureML:
     # ---------------------------------------------------------------- HTTP
     async def _handle(self, request: web.Request) -> web.Response:
         request_id = str(uuid.uuid4())
+        log.debug("%s %s?%s", request.method, request.path, request.query_string)  # what the SDK asks, for reference
         try:
             op, params = self._route(request)
             self._calls[op] += 1
