@@ -33,7 +33,8 @@ Routes, where ``{ws}`` stands for
 - ``GET {ws}/jobs/{name}``, ``GET {ws}/jobs`` (``listViewType`` ActiveOnly / ArchivedOnly / All).
 - ``POST {ws}/jobs/{name}/cancel``: 202 with ``Location`` and ``Retry-After``, then
   ``GET /subscriptions/{sub}/providers/Microsoft.MachineLearningServices/locations/{loc}/mfeOperationResults/{id}``
-  answers 202 until the job is Canceled, then 200 (ARM's long-running-operation protocol).
+  answers 202 until the job is Canceled, then 200 (ARM's long-running-operation protocol); a job
+  that is Finalizing or has ended cannot be canceled (400 ``UserError``).
 - ``GET /discovery``: the workspace's service URLs (``api``, ``history``, ...), all this server.
 - ``GET /history/v1.0{ws}/runs/{name}/details``: run-history details: ``status``, ``error``
   (a failed job's ``{"error": {"code", "message"}}``), ``logFiles`` {``user_logs/std_log.txt``: URL}.

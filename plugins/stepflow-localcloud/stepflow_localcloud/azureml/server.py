@@ -494,6 +494,9 @@ class LocalAzureML:
 
     async def _cancel_job(self, request: web.Request, params: dict[str, str]) -> web.Response:
         job = self._job(params["name"])
+        if job.terminal or job.status == "Finalizing":  # the service refuses these (its user code has ended)
+            raise user_error(f"Job {job.name} cannot be canceled: it is in status {job.status}.",
+                             inner="JobNotCancelable")
         assert self._jobs_runner is not None
         self._jobs_runner.cancel(job)
         op_id = f"jc:{uuid.uuid4()}"
@@ -615,6 +618,21 @@ class BackgroundLocalAzureML(BackgroundServer[LocalAzureML]):
     def cloud_metadata(self) -> dict[str, str]:
         """The custom cloud's endpoints to give ``MLClient(cloud_metadata=...)``."""
         return self._started().cloud_metadata
+
+    @property
+    def subscription_id(self) -> str:
+        """The workspace's subscription."""
+        return self._started().subscription_id
+
+    @property
+    def resource_group(self) -> str:
+        """The workspace's resource group."""
+        return self._started().resource_group
+
+    @property
+    def workspace_name(self) -> str:
+        """The workspace's name."""
+        return self._started().workspace_name
 
 
 @contextlib.contextmanager
