@@ -34,7 +34,7 @@ TOPIC = "stepflow"
 MAX_LINE = 16 * 1024
 
 _lock = threading.Lock()
-_running: dict[str, Callable[[], None]] = {}  # task key -> how to stop its step, for cancellation
+_running: dict[str, Callable[[], object]] = {}  # task key -> how to stop its step, for cancellation
 _interrupted: set[str] = set()
 _sinks: dict[int, Callable[[str, str], None]] = {}  # thread ident -> line sink while a step runs
 _installed = False

@@ -31,7 +31,7 @@ import anyio
 import attrs
 import cloudpickle
 import distributed
-from distributed import Client, Future
+from distributed import Client
 from distributed.client import FutureCancelledError
 
 from stepflow import NonRetryableError, StepflowError
@@ -76,14 +76,15 @@ class _Watch:
 class _Batcher:
     """Coalesces calls made in the same loop iteration into one call with all their items."""
 
-    def __init__(self, flush: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    def __init__(self, flush: Callable[[dict[str, Any]], Awaitable[Mapping[str, Any] | None]]) -> None:
         self.flush = flush
-        self.pending: dict[str, tuple[Any, asyncio.Future[None]]] = {}
+        self.pending: dict[str, tuple[Any, asyncio.Future[Any]]] = {}
         self.task: asyncio.Task[None] | None = None
-        self.inflight: dict[str, asyncio.Future[None]] = {}
+        self.inflight: dict[str, asyncio.Future[Any]] = {}
 
-    def add(self, name: str, value: Any) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def add(self, name: str, value: Any) -> asyncio.Future[Any]:
+        """Queue one item; the future answers with the flush's result for ``name`` (None without one)."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[name] = (value, done)
         self.inflight[name] = done
         done.add_done_callback(lambda _: self.inflight.pop(name, None))
@@ -97,17 +98,23 @@ class _Batcher:
                 await asyncio.sleep(0)  # let the other steps started in this iteration join the batch
                 batch, self.pending = self.pending, {}
                 try:
-                    await self.flush({name: value for name, (value, _) in batch.items()})
+                    results = await self.flush({name: value for name, (value, _) in batch.items()}) or {}
                 except Exception as exc:
                     for _, done in batch.values():
                         if not done.done():
                             done.set_exception(exc)
+                            done.exception()  # a waiter cancelled meanwhile must not leave it unretrieved
                 else:
-                    for _, done in batch.values():
+                    for name, (_, done) in batch.items():
                         if not done.done():
-                            done.set_result(None)
+                            done.set_result(results.get(name))
         finally:
             self.task = None
+
+    async def drain(self) -> None:
+        """Wait until every queued item was flushed."""
+        while self.task is not None:
+            await asyncio.shield(self.task)
 
 
 class DaskStepOperator(StepOperator):
@@ -121,13 +128,13 @@ class DaskStepOperator(StepOperator):
         self.name = name
         self.config = config or DaskOperatorConfig()
         self.max_concurrency = self.config.max_concurrency
-        self.client: Client | None = None
+        self.client: Any | None = None
         self.cluster: Any = None
         self.resources: RunResources | None = None
-        self._connecting: asyncio.Task[Client] | None = None
+        self._connecting: asyncio.Task[Any] | None = None
         self._watches: dict[str, _Watch] = {}
-        self._publisher = _Batcher(self._publish)
-        self._released = _Batcher(self._unpublish)
+        self._submitter = _Batcher(self._submit_batch)
+        self._released = _Batcher(self._finish_batch)
         #: Keys re-attached by this operator (tests and `stepflow resume` messages read it).
         self.reattached: list[str] = []
         self._identity_at: tuple[float, asyncio.Future[Any]] | None = None
@@ -146,7 +153,7 @@ class DaskStepOperator(StepOperator):
         """Reach the scheduler (or start the local cluster) and compare versions, once per run."""
         await self.connect()
 
-    async def connect(self) -> Client:
+    async def connect(self) -> Any:
         """The connected client, connecting on first use (concurrent callers share one attempt)."""
         if self.client is not None:
             return self.client
@@ -155,25 +162,26 @@ class DaskStepOperator(StepOperator):
         try:
             return await asyncio.shield(self._connecting)
         except StepflowError:
-            failed, self._connecting = self._connecting, None
-            raise type(failed.exception())(*failed.exception().args) from None  # type: ignore[union-attr]
+            self._connecting = None  # the next run (or a retry) tries again
+            raise
 
-    async def _connect(self) -> Client:
+    async def _connect(self) -> Any:
         cfg = self.config
         address: Any = cfg.address
         if cfg.address == "local":
-            self.cluster = await distributed.LocalCluster(
+            self.cluster = await distributed.LocalCluster(  # type: ignore[no-untyped-call]
                 n_workers=cfg.local_workers, threads_per_worker=cfg.local_threads_per_worker, processes=True,
                 asynchronous=True, dashboard_address=":0", resources=dict(cfg.local_resources) or None)
             address = self.cluster
         security = None
         if cfg.tls_ca_file:
-            security = distributed.Security(tls_ca_file=cfg.tls_ca_file, tls_client_cert=cfg.tls_client_cert,
-                                            tls_client_key=cfg.tls_client_key, require_encryption=True)
+            security = distributed.Security(  # type: ignore[no-untyped-call]
+                tls_ca_file=cfg.tls_ca_file, tls_client_cert=cfg.tls_client_cert, tls_client_key=cfg.tls_client_key,
+                require_encryption=True)
         started = time.monotonic()
         try:
-            client = await Client(address, asynchronous=True, timeout=cfg.connect_timeout, security=security,
-                                  set_as_default=False)
+            client = await Client(address, asynchronous=True, timeout=cfg.connect_timeout,  # type: ignore[no-untyped-call]
+                                  security=security, set_as_default=False)
         except (OSError, TimeoutError) as exc:
             waited = time.monotonic() - started
             raise ConfigError(f"{self.what}: cannot reach the Dask scheduler at {cfg.address} (tried for "
@@ -189,7 +197,7 @@ class DaskStepOperator(StepOperator):
         self.client = client
         return client
 
-    async def _check_versions(self, client: Client) -> None:
+    async def _check_versions(self, client: Any) -> None:
         versions = await client.get_versions(packages=list(CHECKED_PACKAGES))
         problem = version_mismatch(versions)
         if problem:
@@ -198,6 +206,8 @@ class DaskStepOperator(StepOperator):
 
     async def aclose(self) -> None:
         """Close the client, and stop the local cluster when this run started one."""
+        with contextlib.suppress(Exception):  # the last ends are recorded and unpublished first
+            await self._released.drain()
         client, self.client, self._connecting = self.client, None, None
         with contextlib.suppress(Exception):  # closing must not hide the run's outcome
             if client is not None:
@@ -246,26 +256,27 @@ class DaskStepOperator(StepOperator):
         settings = self._settings(inv.settings)
         key = task_key(inv.run_id, inv.step, inv.attempt)
         watch = self._watches[key] = _Watch(inv.emit)
-        future: Future | None = None
+        future: Any = None
         published = False
         try:
             future = await self._reattach(client, inv, key)
             if future is not None:
                 published = True
             else:
+                published = self.config.reattach
                 future = await self._submit(client, inv, settings, key)
-                if self.config.reattach:
-                    published = True
-                    await self._publisher.add(key, future)
                 inv.emit(JobSubmitted, operator=self.name, job_id=key, attempt=inv.attempt)
             outcome = await future
             await asyncio.sleep(0)  # log events that arrived with the result are handled first
         except FutureCancelledError:
-            self._release(future, key, published)
-            await self._record(inv, "stopped")
+            self._release(future, key, published, (inv.run_id, inv.step, inv.attempt, "stopped"))
             raise JobStoppedError(f"the Dask task {key} of step '{inv.step}' was cancelled on the cluster outside "
                                   "stepflow") from None
         except BaseException as exc:
+            submitting = self._submitter.inflight.get(key)
+            if future is None and submitting is not None:  # cancelled while its batch is sent: stop what it made
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    future = await submitting
             if future is not None:
                 with anyio.CancelScope(shield=True):
                     await self._stop(client, future, key, watch, published)
@@ -274,15 +285,15 @@ class DaskStepOperator(StepOperator):
             raise
         finally:
             self._watches.pop(key, None)
-        self._release(future, key, published)
-        await self._record(inv, "succeeded" if outcome.get("ok") else "failed")
+        self._release(future, key, published, (inv.run_id, inv.step, inv.attempt,
+                                               "succeeded" if outcome.get("ok") else "failed"))
         if outcome.get("ok"):
             return outcome.get("value")
         cls = RemoteNonRetryableError if outcome.get("nonretryable") else RemoteStepError
         raise cls(f"{outcome.get('type')}: {outcome.get('message')}", remote_traceback=str(outcome.get("traceback")),
                   remote_type=str(outcome.get("type")))
 
-    async def _reattach(self, client: Client, inv: Invocation, key: str) -> Future | None:
+    async def _reattach(self, client: Any, inv: Invocation, key: str) -> Any:
         """On a resumed run, the task a dead runner left on the cluster (None when there is none)."""
         res = self.resources
         if res is None or not res.resumed or res.run_store is None or not self.config.reattach:
@@ -294,13 +305,13 @@ class DaskStepOperator(StepOperator):
             inv.emit(LogLine, line=f"task {key} is no longer on the Dask cluster (its scheduler restarted, or the "
                      "task was cancelled); running the step again", stream="stepflow")
             return None
-        future: Future = await client.get_dataset(key)
+        future: Any = await client.get_dataset(key)
         self.reattached.append(key)
         inv.emit(LogLine, line=f"re-attached to task {key} on the Dask cluster", stream="stepflow")
         inv.emit(JobSubmitted, operator=self.name, job_id=key, attempt=inv.attempt)
         return future
 
-    async def _submit(self, client: Client, inv: Invocation, settings: DaskSettings, key: str) -> Future:
+    async def _submit(self, client: Any, inv: Invocation, settings: DaskSettings, key: str) -> Any:
         try:
             target = _task.function_ref(inv.fn) or inv.fn
             payload = cloudpickle.dumps((target, inv.args, dict(inv.kwargs)))
@@ -314,14 +325,41 @@ class DaskStepOperator(StepOperator):
                        else self.config.allow_other_workers)
         if wanted or workers:
             self._check_cluster(await self._identity(client), inv.step, wanted, workers, allow_other)
-        await self._record(inv, None, key)
-        future = client.submit(
-            _task.run_step, payload, key, inv.run_id, inv.step, inv.attempt, inv.pipeline, key=key, pure=False,
-            resources=wanted or None, workers=workers or None, allow_other_workers=allow_other and bool(workers),
-            priority=settings.priority if settings.priority is not None else self.config.priority)
-        return future
+        placement = (tuple(sorted(wanted.items())), tuple(workers), allow_other and bool(workers),
+                     settings.priority if settings.priority is not None else self.config.priority)
+        record = (inv.run_id, inv.step, inv.attempt, self.name, key, key, None,
+                  json.dumps({"address": self.config.address, "key": key}))
+        return await self._submitter.add(key, (placement, (payload, key, inv.run_id, inv.step, inv.attempt,
+                                                           inv.pipeline), record))
 
-    async def _identity(self, client: Client) -> dict[str, Any]:
+    async def _submit_batch(self, items: dict[str, Any]) -> dict[str, Any]:
+        """Submit every attempt queued in this loop iteration: one graph per placement, one publish for all.
+
+        One ``client.map`` sends one graph update for many tasks, where a submit per step would
+        send one each (the scheduler's cost per update dominates small steps).
+        """
+        client = self.client
+        if client is None:
+            raise DaskOperatorError(f"{self.what}: not connected")
+        store = self.resources.run_store if self.resources is not None else None
+        if store is not None:  # recorded before they exist, so `stepflow runs` shows what a dead runner left
+            rows = [record for _, _, record in items.values()]
+            await anyio.to_thread.run_sync(lambda: [store.record_job(*row) for row in rows])
+        groups: dict[Any, list[tuple[str, tuple[Any, ...]]]] = {}
+        for key, (placement, args, _) in items.items():
+            groups.setdefault(placement, []).append((key, args))
+        futures: dict[str, Any] = {}
+        for (resources, workers, allow_other, priority), members in groups.items():
+            keys = [key for key, _ in members]
+            columns = [list(column) for column in zip(*(args for _, args in members), strict=True)]
+            made = client.map(_task.run_step, *columns, key=keys, pure=False, resources=dict(resources) or None,
+                              workers=list(workers) or None, allow_other_workers=allow_other, priority=priority)
+            futures.update(zip(keys, made, strict=True))
+        if self.config.reattach:
+            await client.publish_dataset(futures, override=True)
+        return futures
+
+    async def _identity(self, client: Any) -> dict[str, Any]:
         """The scheduler's view of its workers, asked at most every IDENTITY_TTL seconds."""
         now = time.monotonic()
         if self._identity_at is None or now - self._identity_at[0] > IDENTITY_TTL:
@@ -350,18 +388,6 @@ class DaskStepOperator(StepOperator):
                                         f"`dask worker --resources '{resource}={amount:g}'` or lower the step's "
                                         "resources")
 
-    async def _record(self, inv: Invocation, status: str | None, key: str = "") -> None:
-        res = self.resources
-        if res is None or res.run_store is None:
-            return
-        store = res.run_store
-        if status is None:
-            spec = json.dumps({"address": self.config.address, "key": key})
-            await anyio.to_thread.run_sync(store.record_job, inv.run_id, inv.step, inv.attempt, self.name, key, key,
-                                           None, spec)
-        else:
-            await anyio.to_thread.run_sync(store.update_job, inv.run_id, inv.step, inv.attempt, status)
-
     # ------------------------------------------------------------------ events from the cluster
     def _on_event(self, event: Any) -> None:
         _, msg = event
@@ -382,29 +408,26 @@ class DaskStepOperator(StepOperator):
             watch.worker = where
 
     # ------------------------------------------------------------------ ends
-    async def _publish(self, futures: dict[str, Any]) -> None:
+    async def _finish_batch(self, items: dict[str, Any]) -> None:
+        """Unpublish finished tasks (the cluster frees their results) and record their ends, for many at once."""
         client = self.client
-        if client is not None:
-            await client.publish_dataset(futures, override=True)
+        store = self.resources.run_store if self.resources is not None else None
+        if store is not None:
+            rows = [row for _, row in items.values()]
+            await anyio.to_thread.run_sync(lambda: [store.update_job(*row) for row in rows])
+        published = [name for name, (was_published, _) in items.items() if was_published]
+        if client is not None and published:
+            await asyncio.gather(*(client.unpublish_dataset(name) for name in published), return_exceptions=True)
 
-    async def _unpublish(self, names: dict[str, Any]) -> None:
-        client = self.client
-        if client is not None:
-            await asyncio.gather(*(client.unpublish_dataset(name) for name in names), return_exceptions=True)
-
-    def _release(self, future: Future | None, key: str, published: bool) -> None:
-        if published:
-            self._released.add(key, None)
+    def _release(self, future: Any, key: str, published: bool, row: tuple[str, str, int, str]) -> None:
+        self._released.add(key, (published, row))
         if future is not None:
             future.release()
 
-    async def _stop(self, client: Client, future: Future, key: str, watch: _Watch, published: bool) -> None:
+    async def _stop(self, client: Any, future: Any, key: str, watch: _Watch, published: bool) -> None:
         """Cancel the task, take it off the scheduler and free the worker thread running it."""
         with contextlib.suppress(Exception):  # best effort: the cancellation itself must propagate
             with anyio.fail_after(10):
-                publishing = self._publisher.inflight.get(key)
-                if publishing is not None:  # published after we unpublish, it would hold the task forever
-                    await asyncio.wait([publishing])
                 await client.cancel([future], force=True, reason="cancelled by stepflow")
                 if published:
                     with contextlib.suppress(Exception):
