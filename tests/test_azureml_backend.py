@@ -408,8 +408,7 @@ def test_a_known_name_updates_only_mutable_fields_and_never_runs_twice(ml: MLCli
     assert "command" in exc.value.message
     wait_status(ml, name)
     assert aml.stats()["created"][name] == 1
-    listed = [j.name for j in ml.jobs.list()]
-    assert name in listed and listed.index(name) < len(listed)
+    assert next(iter(ml.jobs.list())).name == name  # newest first
 
 
 # -- retries and faults --------------------------------------------------------------------------
@@ -508,6 +507,22 @@ async def test_closing_the_server_stops_and_removes_every_container(uid: str) ->
     assert not _containers(label)
     assert not os.path.exists(certificate)
     assert aml.jobs[name].status == "Canceled"
+
+
+@docker_test
+async def test_the_job_list_comes_in_pages_newest_first(uid: str) -> None:
+    import asyncio
+
+    async with LocalAzureML(subscription_id=SUB, resource_group=RG, workspace_name=WS, list_page_size=2) as aml:
+        ml = make_client(aml)
+        names = [f"page-{uid}-{i}" for i in range(5)]
+        for name in names:
+            await asyncio.to_thread(ml.jobs.create_or_update, job_spec(name, "pass"))
+        listed = await asyncio.to_thread(lambda: [j.name for j in ml.jobs.list()])
+        assert listed == names[::-1]
+        assert aml.stats()["calls"]["ListJobs"] == 3  # the SDK followed nextLink twice
+        while any(not j.terminal for j in aml.jobs.values()):
+            await asyncio.sleep(0.1)
 
 
 @docker_test

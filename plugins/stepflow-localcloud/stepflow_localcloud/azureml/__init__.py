@@ -30,7 +30,8 @@ Routes, where ``{ws}`` stands for
 - ``PUT {ws}/jobs/{name}``: create a command job (201), or update the mutable fields of an
   existing one (200: description, tags, displayName, properties, isArchived); anything else on an
   existing name is a 400 ``UserError`` "A job with this name already exists ...".
-- ``GET {ws}/jobs/{name}``, ``GET {ws}/jobs`` (``listViewType`` ActiveOnly / ArchivedOnly / All).
+- ``GET {ws}/jobs/{name}``, ``GET {ws}/jobs`` (``listViewType`` ActiveOnly / ArchivedOnly / All;
+  newest first, ``list_page_size`` per page, the next through ``nextLink`` with ``$skipToken``).
 - ``POST {ws}/jobs/{name}/cancel``: 202 with ``Location`` and ``Retry-After``, then
   ``GET /subscriptions/{sub}/providers/Microsoft.MachineLearningServices/locations/{loc}/mfeOperationResults/{id}``
   answers 202 until the job is Canceled, then 200 (ARM's long-running-operation protocol); a job

@@ -71,7 +71,8 @@ class LocalAzureML:
                  computes: Iterable[str] = ("cpu-cluster",), container_env: Mapping[str, str] | None = None,
                  throttle_rate: float = 0.0, error_rate: float = 0.0, seed: int | None = None,
                  network: str = "host", docker_url: str | None = None, stop_grace: float = 2.0,
-                 phase_delay: float = 0.0, location: str = "eastus", retry_after: int = 1) -> None:
+                 phase_delay: float = 0.0, location: str = "eastus", retry_after: int = 1,
+                 list_page_size: int = 50) -> None:
         """Configure the server; nothing starts before ``start()`` / ``async with``.
 
         ``computes`` names the workspace's compute clusters (jobs may also go serverless);
@@ -79,7 +80,8 @@ class LocalAzureML:
         compute's managed identity would give it (e.g. a storage connection string).
         ``stop_grace`` is the SIGTERM-to-SIGKILL time of a cancelled job; ``phase_delay`` holds
         Queued, Preparing, Starting and Finalizing that long so pollers see them.
-        ``retry_after`` is the Retry-After (seconds) of throttled answers and of the cancel operation.
+        ``retry_after`` is the Retry-After (seconds) of throttled answers and of the cancel operation;
+        ``list_page_size`` the number of jobs per page of the job list (further pages through ``nextLink``).
         """
         self.host, self.port = host, port
         self.subscription_id, self.resource_group, self.workspace_name = subscription_id, resource_group, workspace_name
@@ -88,6 +90,7 @@ class LocalAzureML:
         self.container_env = dict(container_env or {})
         self.network, self.docker_url = network, docker_url
         self.stop_grace, self.phase_delay, self.retry_after = stop_grace, phase_delay, retry_after
+        self.list_page_size = list_page_size
         self.throttle_rate, self.error_rate = throttle_rate, error_rate
         self._check_rates(throttle_rate, error_rate)
         self._initial_faults = (throttle_rate, error_rate, seed)
@@ -481,12 +484,24 @@ class LocalAzureML:
 
     async def _list_jobs(self, request: web.Request, params: dict[str, str]) -> web.Response:
         view = request.query.get("listViewType", "ActiveOnly")
-        jobs = sorted(self.jobs.values(), key=lambda j: j.seq, reverse=True)
+        jobs = sorted(self.jobs.values(), key=lambda j: j.seq, reverse=True)  # newest first
         if view == "ActiveOnly":
             jobs = [j for j in jobs if not j.props.get("isArchived")]
         elif view == "ArchivedOnly":
             jobs = [j for j in jobs if j.props.get("isArchived")]
-        return web.json_response({"value": [j.resource(self._studio()) for j in jobs]})
+        token = request.query.get("$skipToken")
+        if token:  # the sequence number of the last job of the previous page: stable while jobs are created
+            try:
+                last = int(token)
+            except ValueError:
+                raise user_error(f"Invalid $skipToken {token!r}.", inner="InvalidSkipToken") from None
+            jobs = [j for j in jobs if j.seq < last]
+        page = jobs[:self.list_page_size]
+        body: dict[str, Any] = {"value": [j.resource(self._studio()) for j in page]}
+        if len(jobs) > len(page):
+            query = {**request.query, "$skipToken": str(page[-1].seq)}
+            body["nextLink"] = str(request.url.with_scheme("https").with_query(query))
+        return web.json_response(body)
 
     def _operation_url(self, op_id: str, api_version: str) -> str:
         return (f"{self.url}/subscriptions/{self.subscription_id}/providers/{PROVIDER}/locations/{self.location}"
