@@ -38,7 +38,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 from tests import docker_env
 from tests.conftest import ROOT
-from tests.services import free_port
+from tests.services import AZURITE_ACCOUNT, AZURITE_KEY, azurite, free_port  # noqa: F401 (azurite is a fixture)
 
 LOCALCLOUD = ROOT / "plugins" / "stepflow-localcloud"
 try:
@@ -507,6 +507,44 @@ async def test_closing_the_server_stops_and_removes_every_container(uid: str) ->
     assert not _containers(label)
     assert not os.path.exists(certificate)
     assert aml.jobs[name].status == "Canceled"
+
+
+UPLOAD_CODE = textwrap.dedent("""
+    import os, urllib.request
+    parts = dict(p.split("=", 1) for p in os.environ["AZURE_STORAGE_CONNECTION_STRING"].split(";") if p)
+    url = f"{parts['BlobEndpoint']}/{os.environ['CONTAINER']}/from-job.txt?{parts['SharedAccessSignature']}"
+    body = f"written by {os.environ['AZUREML_RUN_ID']}".encode()
+    req = urllib.request.Request(url, data=body, method="PUT", headers={"x-ms-blob-type": "BlockBlob"})
+    print("upload status", urllib.request.urlopen(req).status)
+""")
+
+
+@docker_test
+async def test_container_env_stands_in_for_the_managed_identity_the_job_writes_to_blob_storage(
+        azurite: str, uid: str) -> None:  # noqa: F811
+    import asyncio
+    import datetime as dt
+
+    from azure.storage.blob import AccountSasPermissions, BlobServiceClient, ResourceTypes, generate_account_sas
+
+    service = BlobServiceClient(azurite, credential={"account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY})
+    container = f"aml-{uid}"
+    service.create_container(container)
+    sas = generate_account_sas(AZURITE_ACCOUNT, AZURITE_KEY, ResourceTypes(object=True),
+                               AccountSasPermissions(read=True, write=True, create=True),
+                               expiry=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    # What an identity-based connection would give the job: the endpoint and a credential, not the account key.
+    identity = {"AZURE_STORAGE_CONNECTION_STRING": f"BlobEndpoint={azurite};SharedAccessSignature={sas}"}
+    async with LocalAzureML(subscription_id=SUB, resource_group=RG, workspace_name=WS, container_env=identity) as aml:
+        ml = make_client(aml)
+        name = f"blob-{uid}"
+        job = job_spec(name, UPLOAD_CODE, environment_variables={"CONTAINER": container})
+        await asyncio.to_thread(ml.jobs.create_or_update, job)
+        while not aml.jobs[name].terminal:
+            await asyncio.sleep(0.1)
+        assert aml.jobs[name].status == "Completed", aml.jobs[name].output.decode()
+    blob = service.get_blob_client(container, "from-job.txt").download_blob().readall()
+    assert blob == f"written by {name}".encode()
 
 
 @docker_test
