@@ -360,6 +360,17 @@ def test_cancel_reaches_canceled_within_5s_and_removes_the_container(ml: MLClien
 
 
 @docker_test
+def test_a_job_cancelled_before_it_runs_never_starts_a_container(ml: MLClient, aml: Any, uid: str) -> None:
+    name = f"early-{uid}"
+    ml.jobs.create_or_update(job_spec(name, "print('must not run')"))
+    ml.jobs.begin_cancel(name).result(timeout=10)
+    assert ml.jobs.get(name).status == "Canceled"
+    details = run_details(ml, name)
+    assert details.status == "Canceled" and details.start_time_utc is None and details.log_files == {}
+    assert not aml.backend.jobs[name].output and aml.backend.jobs[name].container_id is None
+
+
+@docker_test
 def test_serverless_jobs_take_a_vm_size_and_an_invalid_one_is_refused(ml: MLClient, aml: Any, uid: str) -> None:
     name = f"serverless-{uid}"
     job = job_spec(name, "import os; print(os.environ['AZUREML_INSTANCE_TYPE'])", compute=None)

@@ -122,7 +122,7 @@ class Job:
             "startTimeUtc": iso(self.started), "endTimeUtc": iso(self.ended), "lastModifiedUtc": iso(self.modified),
             "tags": dict(self.props.get("tags") or {}), "properties": dict(self.props.get("properties") or {}),
             "warnings": [], "services": {}, "inputDatasets": [], "outputDatasets": [],
-            "logFiles": {LOG_NAME: log_url} if self.status not in ("NotStarted", "Queued", "Preparing") else {},
+            "logFiles": {LOG_NAME: log_url} if self.container_id is not None else {},  # once there is a process
             "runTypeV2": {"orchestrator": None, "traits": [], "name": None},
         }
         if self.error is not None:
@@ -152,8 +152,11 @@ class DockerRunner:
         job.task = asyncio.get_running_loop().create_task(self._lifecycle(job), name=f"azureml-job-{job.name}")
 
     def cancel(self, job: Job) -> None:
-        """Report CancelRequested now; the lifecycle task stops the container."""
-        if job.terminal or job.cancel_requested.is_set():
+        """Report CancelRequested now; the lifecycle task stops the container.
+
+        A job in Finalizing has no user process left: it finishes as it is.
+        """
+        if job.terminal or job.status == "Finalizing" or job.cancel_requested.is_set():
             return
         job.set_status("CancelRequested")
         job.cancel_requested.set()
@@ -189,7 +192,7 @@ class DockerRunner:
     async def _execute(self, job: Job) -> Any:
         """Everything up to the job's end; returns its container (removed by the caller)."""
         for status in ("Queued", "Preparing"):
-            job.set_status(status)
+            self._enter(job, status)
             await self._until_cancel(job, asyncio.sleep(self.phase_delay))
         if self._puller is None:
             self._puller = ImagePuller(self.docker)
@@ -199,7 +202,7 @@ class DockerRunner:
             job.fail(f"Failed to pull Docker image {job.image}. This error may occur because the Docker image "
                      f"does not exist, or the compute cannot reach its registry: {exc.message}")
             return None
-        job.set_status("Starting")
+        self._enter(job, "Starting")
         container = await self._create(job)
         await self._until_cancel(job, asyncio.sleep(self.phase_delay))
         try:
@@ -232,6 +235,13 @@ class DockerRunner:
         else:
             job.fail(self._exit_message(job))
         return container
+
+    @staticmethod
+    def _enter(job: Job, status: str) -> None:
+        """Enter ``status`` unless the job was cancelled meanwhile (then raise _Cancel)."""
+        if job.cancel_requested.is_set():
+            raise _Cancel
+        job.set_status(status)
 
     def _exit_message(self, job: Job) -> str:
         lines = job.output.decode(errors="replace").rstrip("\n").splitlines()[-ERROR_TAIL:]
