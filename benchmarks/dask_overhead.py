@@ -75,10 +75,10 @@ async def time_it(fn: Callable[[], Awaitable[Any]], reps: int) -> list[float]:
 
 async def measure(address: str, steps: int, reps: int) -> list[tuple[str, list[float]]]:
     from distributed import Client
-
-    from stepflow import pipeline, run, step
     from stepflow_dask.flavor import DaskOperatorConfig
     from stepflow_dask.operator import DaskStepOperator
+
+    from stepflow import pipeline, run, step
 
     client = await Client(address, asynchronous=True, set_as_default=False)
     await client.wait_for_workers(2)

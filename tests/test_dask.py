@@ -305,3 +305,128 @@ async def test_unserializable_input_names_the_step(dask_stack: Cluster) -> None:
     error = result.steps["use"].error
     assert result.status == "failed" and error is not None, {n: (r.status, r.error) for n, r in result.steps.items()}
     assert "step 'use'" in error.message and "cannot be serialized for the Dask cluster" in error.message
+
+
+def test_runs_stop_cancels_what_a_dead_runner_left(dask_stack: Cluster, tmp_path: Path) -> None:
+    home = tmp_path / "cli-home"
+    env = {**dask_stack.env, "STEPFLOW_HOME": str(home)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stepflow", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    assert cli("step-operator", "register", "dask", "--type=dask", f"--address={dask_stack.address}").returncode == 0
+    assert cli("stack", "register", "dask_stack", "-a", "default", "-s", "dask", "-s", "local", "--set").returncode == 0
+    marker = tmp_path / "executions"
+    run_id = f"dask-stop-{uuid.uuid4().hex[:6]}"
+    runner = subprocess.Popen([sys.executable, "-m", "stepflow", "run", "tests.dask_steps:naps", "-p",
+                               f"marker={marker}", "-p", "count=2", "-p", "seconds=60", "--run-id", run_id,
+                               "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not marker.exists() or len(marker.read_text().splitlines()) < 2:
+        assert runner.poll() is None and time.monotonic() < deadline, "the steps never started"
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=30)
+    stopped = cli("runs", "stop", run_id)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert stopped.stdout.count("stop requested") == 2, stopped.stdout
+
+    async def left() -> tuple[object, dict[str, int]]:
+        watcher = await observe(dask_stack.address)
+        try:
+            def executing(dask_worker: object) -> int:
+                return int(dask_worker.state.executing_count)  # type: ignore[attr-defined]
+
+            return await watcher.list_datasets(), await watcher.run(executing)  # type: ignore[attr-defined]
+        finally:
+            await watcher.close()  # type: ignore[attr-defined]
+
+    deadline = time.monotonic() + 5
+    while True:
+        datasets, busy = anyio.run(left)
+        if not datasets and not any(busy.values()):
+            break
+        assert time.monotonic() < deadline, f"still on the cluster after `runs stop`: {datasets}, {busy}"
+        time.sleep(0.1)
+
+
+def test_gpu_type_is_refused_before_the_run_with_the_way_to_ask_for_it() -> None:
+    from stepflow import Resources, pipeline, step
+    from stepflow.errors import StepflowError
+
+    @step(step_operator="dask", resources=Resources(gpu=1, gpu_type="A100"))
+    def train() -> int:
+        return 1
+
+    @pipeline
+    def typed():
+        return train()
+
+    client = Client()
+    client.register_component("step_operator", "dask", "dask", {"address": "tcp://127.0.0.1:1"})
+    client.register_stack("typed", artifact_store="default", step_operators=["dask", "local"])
+    with pytest.raises(StepflowError, match=r"gpu_type='A100'.*--resources 'A100=1'"):
+        anyio.run(lambda: run(typed(), stack="typed"))
+
+
+def _certificates(where: Path) -> tuple[Path, Path]:
+    """A CA and one certificate it signed (for the scheduler, the worker and the client)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer: ec.EllipticCurvePrivateKey,
+             ca: bool) -> x509.Certificate:
+        return (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                .sign(signer, hashes.SHA256()))
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("stepflow test CA", ca_key, "stepflow test CA", ca_key, True)
+    leaf = cert("dask", key, "stepflow test CA", ca_key, False)
+    pem = serialization.Encoding.PEM
+    (where / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (where / "node.pem").write_bytes(leaf.public_bytes(pem) + key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return where / "ca.pem", where / "node.pem"
+
+
+async def test_tls_cluster(tmp_path: Path) -> None:
+    ca, node = _certificates(tmp_path)
+    tls = ["--tls-ca-file", str(ca), "--tls-cert", str(node), "--tls-key", str(node)]
+    port = free_port()
+    address = f"tls://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--protocol", "tls",
+                               "--no-dashboard", *tls], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen([DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", "2", "--no-nanny",
+                                   "--no-dashboard", *tls], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL))
+    try:
+        client = Client()
+        client.register_component("step_operator", "dask", "dask", {
+            "address": address, "tls_ca_file": str(ca), "tls_client_cert": str(node), "connect_timeout": 30})
+        client.register_stack("tls", artifact_store="default", step_operators=["dask", "local"])
+        with anyio.fail_after(60):
+            result = await run(dask_steps.naps(str(tmp_path / "m"), count=2, seconds=0), stack="tls")
+        assert result.status == "succeeded" and result.output == 1, result
+        with pytest.raises(ConfigError, match="uses TLS: set tls_ca_file and tls_client_cert"):
+            client.register_component("step_operator", "plain", "dask", {"address": address})
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=15)

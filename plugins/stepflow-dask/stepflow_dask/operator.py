@@ -117,6 +117,28 @@ class _Batcher:
             await asyncio.shield(self.task)
 
 
+class _LeftTasks:
+    """What ``stepflow runs stop`` asks of an operator: find and stop tasks a dead runner left on the cluster."""
+
+    def __init__(self, operator: DaskStepOperator) -> None:
+        self.operator = operator
+
+    async def find(self, name: str) -> str | None:
+        """The task's key when the cluster still holds it (published), else None."""
+        client = await self.operator.connect()
+        return name if name in await client.list_datasets() else None
+
+    async def cancel(self, job_id: str) -> None:
+        """Cancel the task, take it off the scheduler and stop its step on the worker; a gone task is a no-op."""
+        client = await self.operator.connect()
+        if job_id not in await client.list_datasets():
+            return
+        future = await client.get_dataset(job_id)
+        await client.cancel([future], force=True, reason="stopped by `stepflow runs stop`")
+        await client.unpublish_dataset(job_id)
+        await client.run(_task.interrupt, [job_id], on_error="ignore")
+
+
 class DaskStepOperator(StepOperator):
     """Runs each step attempt as a task on a Dask distributed cluster (see the module docstring)."""
 
@@ -138,6 +160,8 @@ class DaskStepOperator(StepOperator):
         #: Keys re-attached by this operator (tests and `stepflow resume` messages read it).
         self.reattached: list[str] = []
         self._identity_at: tuple[float, asyncio.Future[Any]] | None = None
+        #: For `stepflow runs stop`: stops the tasks of a run whose runner died.
+        self.backend = _LeftTasks(self)
 
     @property
     def what(self) -> str:
