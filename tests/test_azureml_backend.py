@@ -372,14 +372,15 @@ def test_a_job_cancelled_before_it_runs_never_starts_a_container(ml: MLClient, a
 
 @docker_test
 def test_serverless_jobs_take_a_vm_size_and_an_invalid_one_is_refused(ml: MLClient, aml: Any, uid: str) -> None:
-    name = f"serverless-{uid}"
-    job = job_spec(name, "import os; print(os.environ['AZUREML_INSTANCE_TYPE'])", compute=None)
-    job.resources = JobResourceConfiguration(instance_type="Standard_DS3_v2", instance_count=1)
-    ml.jobs.create_or_update(job)
-    assert wait_status(ml, name).status == "Completed"
-    assert run_details(ml, name).target == "serverless"
-    url = run_details(ml, name).log_files["user_logs/std_log.txt"]
-    assert fetch(aml, url)[2] == b"Standard_DS3_v2\n"
+    for compute in (None, "serverless"):  # no compute, or MLClient's name for serverless
+        name = f"serverless-{uid}-{compute}".lower()
+        job = job_spec(name, "import os; print(os.environ['AZUREML_INSTANCE_TYPE'])", compute=compute)
+        job.resources = JobResourceConfiguration(instance_type="Standard_DS3_v2", instance_count=1)
+        ml.jobs.create_or_update(job)
+        assert wait_status(ml, name).status == "Completed"
+        assert run_details(ml, name).target == "serverless"
+        url = run_details(ml, name).log_files["user_logs/std_log.txt"]
+        assert fetch(aml, url)[2] == b"Standard_DS3_v2\n"
 
     bad = job_spec(f"badvm-{uid}", compute=None)
     bad.resources = JobResourceConfiguration(instance_type="Standard_DS3_v9", instance_count=1)

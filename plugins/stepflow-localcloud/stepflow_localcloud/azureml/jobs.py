@@ -28,6 +28,7 @@ import aiodocker
 from aiodocker.exceptions import DockerError
 
 from .._docker import ImagePuller
+from .validation import compute_name
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,7 @@ class Job:
     @property
     def compute(self) -> str | None:
         """The compute target's name, or None for serverless."""
-        compute_id = self.props.get("computeId")
-        return str(compute_id).rstrip("/").rsplit("/", 1)[-1] if compute_id else None
+        return compute_name(self.props.get("computeId"))
 
     def set_status(self, status: str) -> None:
         """Enter a status; the first Running one is the start time, a terminal one the end time."""

@@ -15,6 +15,7 @@ from typing import Any
 JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,254}")
 #: Experiment names, as the service states the rule.
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")
+SERVERLESS = "serverless"
 #: What a job update may change; anything else makes a PUT on an existing name a conflict.
 MUTABLE = ("description", "tags", "displayName", "properties", "isArchived")
 
@@ -91,13 +92,12 @@ def validate_job(name: str, props: Any, computes: dict[str, dict[str, Any]], wor
     if not EXPERIMENT_NAME.fullmatch(str(experiment)):
         raise user_error("Experiment name must be 1-256 characters, start with a letter or a number, and can only "
                          "contain letters, numbers, underscores, and dashes.", inner="InvalidExperimentName")
-    compute_id = props.get("computeId")
+    compute = compute_name(props.get("computeId"))
     resources = props.get("resources") or {}
     count = resources.get("instanceCount", 1)
     if not isinstance(count, int) or count < 1:
         raise user_error(f"Instance count must be a positive integer, got {count!r}.", inner="InvalidInstanceCount")
-    if compute_id:
-        compute = str(compute_id).rstrip("/").rsplit("/", 1)[-1].removeprefix("azureml:")
+    if compute is not None:
         if compute not in computes:
             raise user_error(f"Compute '{compute}' does not exist in workspace '{workspace}'. Create it first or "
                              "submit the job to an existing compute target.", inner="ComputeNotFound")
@@ -108,6 +108,17 @@ def validate_job(name: str, props: Any, computes: dict[str, dict[str, Any]], wor
             hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
             raise user_error(f"The specified VM size '{size}' is not supported for serverless compute in this "
                              f"region.{hint}", inner="InvalidVmSize")
+
+
+def compute_name(compute_id: Any) -> str | None:
+    """The cluster a job's ``computeId`` names (an ARM id or a name), or None for serverless.
+
+    ``MLClient`` sends ``compute="serverless"`` as is; no ``computeId`` at all also means serverless.
+    """
+    if not compute_id:
+        return None
+    name = str(compute_id).rstrip("/").rsplit("/", 1)[-1].removeprefix("azureml:")
+    return None if name.lower() == SERVERLESS else name
 
 
 def immutable_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
