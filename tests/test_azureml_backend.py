@@ -371,6 +371,27 @@ def test_a_job_cancelled_before_it_runs_never_starts_a_container(ml: MLClient, a
 
 
 @docker_test
+def test_past_limits_timeout_the_service_cancels_the_job(ml: MLClient, aml: Any, uid: str) -> None:
+    name = f"timeout-{uid}"
+    job = job_spec(name, "import time\nprint('started', flush=True)\ntime.sleep(120)")
+    job.set_limits(timeout=2)
+    ml.jobs.create_or_update(job)
+    assert aml.backend.jobs[name].props["limits"]["timeout"] == "PT2S"
+    running = wait_status(ml, name, {"Running"})
+    assert running.limits.timeout == 2
+    start = time.monotonic()
+    assert wait_status(ml, name, timeout=20).status == "Canceled"
+    assert 1.0 <= time.monotonic() - start <= 6.0
+    assert not _containers(f"stepflow.local-azureml.job={name}")
+
+    bad = job_spec(f"badtimeout-{uid}")
+    bad.set_limits(timeout=-5)  # sent as -PT5S
+    with pytest.raises(HttpResponseError) as exc:
+        ml.jobs.create_or_update(bad)
+    assert exc.value.status_code == 400 and "limits.timeout" in exc.value.message
+
+
+@docker_test
 def test_serverless_jobs_take_a_vm_size_and_an_invalid_one_is_refused(ml: MLClient, aml: Any, uid: str) -> None:
     for compute in (None, "serverless"):  # no compute, or MLClient's name for serverless
         name = f"serverless-{uid}-{compute}".lower()

@@ -48,7 +48,8 @@ Routes, where ``{ws}`` stands for
 Unknown subscriptions, resource groups and workspaces answer 404 SubscriptionNotFound /
 ResourceGroupNotFound / ResourceNotFound; unknown computes ResourceNotFound; unknown jobs and
 runs 404 UserError; invalid jobs (name, unknown compute, serverless VM size, empty command, no
-environment) 400 UserError with an ``innerError`` code.
+environment, ``limits.timeout``) 400 UserError with an ``innerError`` code. Past its
+``limits.timeout`` a running job is cancelled, as the service documents.
 """
 
 from .server import BackgroundLocalAzureML, LocalAzureML, serve_in_thread

@@ -6,7 +6,8 @@ Lifecycle, with the statuses the service reports::
     created) -> Running (the command runs; its output grows user_logs/std_log.txt) -> Finalizing
     (the last output collected) -> Completed
       -> Failed + error        non-zero exit, image missing, container not startable
-    cancel at any point: CancelRequested -> Canceled (SIGTERM, then SIGKILL after the grace time)
+    cancel at any point before Finalizing, or limits.timeout passed while Running:
+      CancelRequested -> Canceled (SIGTERM, then SIGKILL after the grace time)
 
 A job reaches its final status only once all its output is in its log file, so a client that sees
 it finished reads every line.
@@ -28,7 +29,7 @@ import aiodocker
 from aiodocker.exceptions import DockerError
 
 from .._docker import ImagePuller
-from .validation import compute_name
+from .validation import compute_name, job_timeout
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class DockerRunner:
         job.set_status("Running")
         pump = asyncio.get_running_loop().create_task(self._pump(job, container))
         try:
-            cancelled = await self._wait(job, container)
+            cancelled = await self._wait(job, container, job_timeout(job.props))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(pump), 5)
         finally:
@@ -265,15 +266,20 @@ class DockerRunner:
             raise _Cancel
         return task.result()
 
-    async def _wait(self, job: Job, container: Any) -> bool:
-        """Wait for the container's exit; True when the job was cancelled (the container is then stopped)."""
+    async def _wait(self, job: Job, container: Any, timeout: float | None) -> bool:
+        """Wait for the container's exit; True when the job was cancelled (the container is then stopped).
+
+        Past ``timeout`` seconds (``limits.timeout``) the service cancels the job.
+        """
         waiter = asyncio.ensure_future(container.wait())
         stop = asyncio.ensure_future(job.cancel_requested.wait())
-        done, _ = await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({waiter, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if waiter in done:
             return False
         waiter.cancel()
+        if not done:  # the timeout: cancelled as if asked to
+            self.cancel(job)
         await self._stop(container)
         return True
 

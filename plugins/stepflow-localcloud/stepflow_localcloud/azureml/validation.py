@@ -16,6 +16,8 @@ JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,254}")
 #: Experiment names, as the service states the rule.
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")
 SERVERLESS = "serverless"
+#: An ISO 8601 duration as the service takes it (days down to seconds).
+DURATION = re.compile(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?")
 #: What a job update may change; anything else makes a PUT on an existing name a conflict.
 MUTABLE = ("description", "tags", "displayName", "properties", "isArchived")
 
@@ -92,6 +94,7 @@ def validate_job(name: str, props: Any, computes: dict[str, dict[str, Any]], wor
     if not EXPERIMENT_NAME.fullmatch(str(experiment)):
         raise user_error("Experiment name must be 1-256 characters, start with a letter or a number, and can only "
                          "contain letters, numbers, underscores, and dashes.", inner="InvalidExperimentName")
+    job_timeout(props)  # raises when limits.timeout is no duration
     compute = compute_name(props.get("computeId"))
     resources = props.get("resources") or {}
     count = resources.get("instanceCount", 1)
@@ -108,6 +111,22 @@ def validate_job(name: str, props: Any, computes: dict[str, dict[str, Any]], wor
             hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
             raise user_error(f"The specified VM size '{size}' is not supported for serverless compute in this "
                              f"region.{hint}", inner="InvalidVmSize")
+
+
+def job_timeout(props: dict[str, Any]) -> float | None:
+    """Seconds of ``limits.timeout`` (an ISO 8601 duration), after which the service cancels the job."""
+    value = (props.get("limits") or {}).get("timeout")
+    if value is None:
+        return None
+    match = DURATION.fullmatch(str(value))
+    if match is None or not any(match.groups()):
+        raise user_error(f"limits.timeout '{value}' is not an ISO 8601 duration such as PT1H30M.",
+                         inner="InvalidTimeout")
+    days, hours, minutes, seconds = (float(g or 0) for g in match.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise user_error(f"limits.timeout '{value}' must be positive.", inner="InvalidTimeout")
+    return total
 
 
 def compute_name(compute_id: Any) -> str | None:
