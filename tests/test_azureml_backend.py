@@ -222,7 +222,7 @@ def test_a_job_runs_through_every_status_in_its_image_with_azures_environment(ml
             logs = run_details(ml, name).log_files
             _, _, partial = fetch(aml, logs["user_logs/std_log.txt"])
         time.sleep(0.05)
-    assert seen == ["NotStarted", "Queued", "Preparing", "Starting", "Running", "Finalizing", "Completed"]
+    assert seen == ["NotStarted", "Starting", "Preparing", "Queued", "Running", "Finalizing", "Completed"]
     assert b"line 3" not in partial, "the log was read while the job ran: it grows"
 
     job = ml.jobs.get(name)

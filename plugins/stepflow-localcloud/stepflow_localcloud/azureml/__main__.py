@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docker-url", default=None, help="Docker daemon (default: DOCKER_HOST or the local socket)")
     p.add_argument("--stop-grace", type=float, default=2.0, help="seconds from SIGTERM to SIGKILL on cancel")
     p.add_argument("--phase-delay", type=float, default=0.0,
-                   help="seconds spent in Queued, Preparing, Starting and Finalizing, so pollers see them")
+                   help="seconds spent in Starting, Preparing, Queued and Finalizing, so pollers see them")
     p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="environment of every job container, standing in for the compute's managed identity "
                         "(repeatable)")

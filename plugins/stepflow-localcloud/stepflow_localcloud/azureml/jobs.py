@@ -2,15 +2,16 @@
 
 Lifecycle, with the statuses the service reports::
 
-    NotStarted (accepted) -> Queued -> Preparing (image pulled when missing) -> Starting (container
-    created) -> Running (the command runs; its output grows user_logs/std_log.txt) -> Finalizing
-    (the last output collected) -> Completed
+    NotStarted (accepted) -> Starting (being processed) -> Preparing (the image pulled when
+    missing) -> Queued (waiting for a node: the container created) -> Running (the command runs;
+    its output grows user_logs/std_log.txt) -> Finalizing (the last output collected) -> Completed
       -> Failed + error        non-zero exit, image missing, container not startable
     cancel at any point before Finalizing, or limits.timeout passed while Running:
       CancelRequested -> Canceled (SIGTERM, then SIGKILL after the grace time)
 
-A job reaches its final status only once all its output is in its log file, so a client that sees
-it finished reads every line.
+That is the service's documented order (NotResponding aside, runs move only forward through it;
+Provisioning is documented as unused). A job reaches its final status only once all its output is
+in its log file, so a client that sees it finished reads every line.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class DockerRunner:
 
     async def _execute(self, job: Job) -> Any:
         """Everything up to the job's end; returns its container (removed by the caller)."""
-        for status in ("Queued", "Preparing"):
+        for status in ("Starting", "Preparing"):
             self._enter(job, status)
             await self._until_cancel(job, asyncio.sleep(self.phase_delay))
         if self._puller is None:
@@ -203,7 +204,7 @@ class DockerRunner:
             job.fail(f"Failed to pull Docker image {job.image}. This error may occur because the Docker image "
                      f"does not exist, or the compute cannot reach its registry: {exc.message}")
             return None
-        self._enter(job, "Starting")
+        self._enter(job, "Queued")
         container = await self._create(job)
         await self._until_cancel(job, asyncio.sleep(self.phase_delay))
         try:

@@ -79,7 +79,7 @@ class LocalAzureML:
         ``container_env`` is added to every job container's environment, standing in for what the
         compute's managed identity would give it (e.g. a storage connection string).
         ``stop_grace`` is the SIGTERM-to-SIGKILL time of a cancelled job; ``phase_delay`` holds
-        Queued, Preparing, Starting and Finalizing that long so pollers see them.
+        Starting, Preparing, Queued and Finalizing that long so pollers see them.
         ``retry_after`` is the Retry-After (seconds) of throttled answers and of the cancel operation;
         ``list_page_size`` the number of jobs per page of the job list (further pages through ``nextLink``).
         """
