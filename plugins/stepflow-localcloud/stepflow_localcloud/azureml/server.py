@@ -49,7 +49,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [(m, re.compile(p, re.IGNORECAS
     ("GET", rf"/history/v1\.0{_WS}/runs/(?P<name>[^/]+)/details", "GetRunDetails"),
     ("GET", r"/discovery", "GetDiscovery"),
 )]
-#: Operations of the workspace-scoped data plane (run history): no api-version there.
+#: Data-plane operations (run history, discovery): api-version is not required there.
 NO_API_VERSION = frozenset({"GetRunDetails", "GetDiscovery"})
 DISCOVERY_KEYS = ("api", "catalog", "experimentation", "gallery", "history", "hyperdrive", "labeling",
                   "modelmanagement", "pipelines", "studiometadata")
