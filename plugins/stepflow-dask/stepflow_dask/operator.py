@@ -6,8 +6,9 @@ event loop (no threads). Per attempt:
 1. the step function and its resolved inputs are pickled (a value that cannot be is reported
    naming the step) and submitted under a deterministic key, ``stepflow-RUN-STEP-ATTEMPT``,
    with the Dask resources, worker restrictions and priority of the step;
-2. the job is recorded in the run store, and the task is published on the scheduler under its
-   key: a published task outlives a runner that dies, so ``stepflow resume`` re-attaches to it
+2. the job is recorded in the run store, and the task is published on the scheduler (one
+   dataset ``stepflow-RUN-b...`` per submission batch, mapping keys to futures): a published
+   task outlives a runner that dies, so ``stepflow resume`` re-attaches to it
    (``Client.get_dataset``) instead of running it again;
 3. the step's prints and log records and the worker it started on arrive as Dask events
    (:mod:`stepflow_dask._task`) and are emitted as ``LogLine`` / ``JobStatusChanged``; a second
@@ -24,6 +25,7 @@ import json
 import math
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -123,20 +125,30 @@ class _LeftTasks:
     def __init__(self, operator: DaskStepOperator) -> None:
         self.operator = operator
 
+    async def _published(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        client = await self.operator.connect()
+        for name in await client.list_datasets():
+            if str(name).startswith("stepflow-") and key.startswith(str(name).rsplit("-b", 1)[0]):
+                tasks = await client.get_dataset(name)
+                if isinstance(tasks, dict) and key in tasks:
+                    return str(name), tasks
+        return None
+
     async def find(self, name: str) -> str | None:
         """The task's key when the cluster still holds it (published), else None."""
-        client = await self.operator.connect()
-        return name if name in await client.list_datasets() else None
+        return name if await self._published(name) is not None else None
 
     async def cancel(self, job_id: str) -> None:
-        """Cancel the task, take it off the scheduler and stop its step on the worker; a gone task is a no-op."""
-        client = await self.operator.connect()
-        if job_id not in await client.list_datasets():
+        """Cancel the task, stop its step on the worker, unpublish its batch once none of it runs; gone: no-op."""
+        found = await self._published(job_id)
+        if found is None:
             return
-        future = await client.get_dataset(job_id)
-        await client.cancel([future], force=True, reason="stopped by `stepflow runs stop`")
-        await client.unpublish_dataset(job_id)
+        client = await self.operator.connect()
+        name, tasks = found
+        await client.cancel([tasks[job_id]], force=True, reason="stopped by `stepflow runs stop`")
         await client.run(_task.interrupt, [job_id], on_error="ignore")
+        if all(f.status in ("finished", "error", "cancelled") for f in tasks.values()):
+            await client.unpublish_dataset(name)
 
 
 class DaskStepOperator(StepOperator):
@@ -160,6 +172,14 @@ class DaskStepOperator(StepOperator):
         #: Keys re-attached by this operator (tests and `stepflow resume` messages read it).
         self.reattached: list[str] = []
         self._identity_at: tuple[float, asyncio.Future[Any]] | None = None
+        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._completion: Any = None
+        self._collector: asyncio.Task[None] | None = None
+        self._gatherer = _Batcher(self._gather_batch)
+        self._batch_of: dict[str, str] = {}  # task key -> the dataset publishing it
+        self._batch_left: dict[str, set[str]] = {}  # dataset -> its keys not yet released
+        # run -> (key -> (dataset, future)): what a dead runner of that run published, fetched once
+        self._left_by_dead: dict[str, asyncio.Future[dict[str, tuple[str, Any]]]] = {}
         #: For `stepflow runs stop`: stops the tasks of a run whose runner died.
         self.backend = _LeftTasks(self)
 
@@ -232,6 +252,14 @@ class DaskStepOperator(StepOperator):
         """Close the client, and stop the local cluster when this run started one."""
         with contextlib.suppress(Exception):  # the last ends are recorded and unpublished first
             await self._released.drain()
+            if self.client is not None:  # batches of an earlier runner whose other tasks ended before it died
+                leftovers = {name for name in self._batch_left} | {
+                    name for found in self._left_by_dead.values() if found.done() and not found.exception()
+                    for name, _ in found.result().values()}
+                await asyncio.gather(*(self.client.unpublish_dataset(n) for n in leftovers), return_exceptions=True)
+        self._batch_left.clear()
+        self._batch_of.clear()
+        self._left_by_dead.clear()
         client, self.client, self._connecting = self.client, None, None
         with contextlib.suppress(Exception):  # closing must not hide the run's outcome
             if client is not None:
@@ -290,7 +318,7 @@ class DaskStepOperator(StepOperator):
                 published = self.config.reattach
                 future = await self._submit(client, inv, settings, key)
                 inv.emit(JobSubmitted, operator=self.name, job_id=key, attempt=inv.attempt)
-            outcome = await future
+            outcome = await self._outcome(client, future)
             await asyncio.sleep(0)  # log events that arrived with the result are handled first
         except FutureCancelledError:
             self._release(future, key, published, (inv.run_id, inv.step, inv.attempt, "stopped"))
@@ -303,7 +331,8 @@ class DaskStepOperator(StepOperator):
                     future = await submitting
             if future is not None:
                 with anyio.CancelScope(shield=True):
-                    await self._stop(client, future, key, watch, published)
+                    await self._stop(client, future, key, watch)
+                self._release(future, key, published, (inv.run_id, inv.step, inv.attempt, "stopped"))
             if isinstance(exc, Exception) and not isinstance(exc, StepflowError):
                 raise self._lost(inv, key, exc) from None
             raise
@@ -317,6 +346,52 @@ class DaskStepOperator(StepOperator):
         raise cls(f"{outcome.get('type')}: {outcome.get('message')}", remote_traceback=str(outcome.get("traceback")),
                   remote_type=str(outcome.get("type")))
 
+    async def _outcome(self, client: Any, future: Any) -> dict[str, Any]:
+        """The task's result, fetched together with the others that finished in the same loop iteration.
+
+        ``await future`` would make one gather call per task; one collector follows every task
+        of this operator (``as_completed``) and gathers finished results in batches.
+        """
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[future.key] = waiter
+        try:
+            if self._completion is None:
+                self._completion = distributed.as_completed([], loop=client.loop)  # type: ignore[no-untyped-call]
+            self._completion.add(future)
+            if self._collector is None or self._collector.done():
+                self._collector = asyncio.ensure_future(self._collect())
+            return dict(await waiter)
+        finally:
+            self._waiting.pop(future.key, None)
+
+    async def _collect(self) -> None:
+        async for future in self._completion:  # ends when no task is left to follow
+            self._gatherer.add(future.key, future)
+
+    async def _gather_batch(self, items: dict[str, Any]) -> None:
+        client = self.client
+        finished = {key: f for key, f in items.items() if f.status == "finished" and key in self._waiting}
+        alone = [(key, f) for key, f in items.items() if key not in finished]
+        if finished and client is not None:
+            try:
+                values = await client.gather(list(finished.values()))
+            except Exception:  # one result lost between finishing and gathering: each on its own
+                alone += list(finished.items())
+            else:
+                for key, value in zip(finished, values, strict=True):
+                    waiter = self._waiting.get(key)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(value)
+        for key, future in alone:  # errors and cancellations: the future's own exception
+            waiter = self._waiting.get(key)
+            if waiter is None or waiter.done():
+                continue
+            try:
+                waiter.set_result(await future)
+            except Exception as exc:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+
     async def _reattach(self, client: Any, inv: Invocation, key: str) -> Any:
         """On a resumed run, the task a dead runner left on the cluster (None when there is none)."""
         res = self.resources
@@ -325,15 +400,31 @@ class DaskStepOperator(StepOperator):
         recorded = await anyio.to_thread.run_sync(res.run_store.find_job, inv.run_id, inv.step, inv.attempt)
         if recorded is None:
             return None
-        if key not in await client.list_datasets():
+        if inv.run_id not in self._left_by_dead:
+            self._left_by_dead[inv.run_id] = asyncio.ensure_future(self._published_tasks(client, inv.run_id))
+        found = (await asyncio.shield(self._left_by_dead[inv.run_id])).get(key)
+        if found is None or found[1].status == "cancelled":
             inv.emit(LogLine, line=f"task {key} is no longer on the Dask cluster (its scheduler restarted, or the "
                      "task was cancelled); running the step again", stream="stepflow")
             return None
-        future: Any = await client.get_dataset(key)
+        name, future = found
+        self._batch_of[key] = name
+        self._batch_left.setdefault(name, set()).add(key)
         self.reattached.append(key)
         inv.emit(LogLine, line=f"re-attached to task {key} on the Dask cluster", stream="stepflow")
         inv.emit(JobSubmitted, operator=self.name, job_id=key, attempt=inv.attempt)
         return future
+
+    @staticmethod
+    async def _published_tasks(client: Any, run_id: str) -> dict[str, tuple[str, Any]]:
+        """Every task a runner of ``run_id`` published: key -> (dataset, future)."""
+        prefix = f"stepflow-{run_id}-b"
+        out: dict[str, tuple[str, Any]] = {}
+        for name in await client.list_datasets():
+            if str(name).startswith(prefix):
+                tasks = await client.get_dataset(name)
+                out.update({key: (str(name), future) for key, future in dict(tasks).items()})
+        return out
 
     async def _submit(self, client: Any, inv: Invocation, settings: DaskSettings, key: str) -> Any:
         try:
@@ -380,7 +471,14 @@ class DaskStepOperator(StepOperator):
                               workers=list(workers) or None, allow_other_workers=allow_other, priority=priority)
             futures.update(zip(keys, made, strict=True))
         if self.config.reattach:
-            await client.publish_dataset(futures, override=True)
+            batches: dict[str, dict[str, Any]] = {}  # run -> key -> future: one dataset per run and batch
+            for key, (_, args, _) in items.items():
+                batches.setdefault(str(args[2]), {})[key] = futures[key]
+            named = {f"stepflow-{run_id}-b{uuid.uuid4().hex[:12]}": tasks for run_id, tasks in batches.items()}
+            for name, tasks in named.items():
+                self._batch_left[name] = set(tasks)
+                self._batch_of.update(dict.fromkeys(tasks, name))
+            await client.publish_dataset(named)
         return futures
 
     async def _identity(self, client: Any) -> dict[str, Any]:
@@ -439,23 +537,28 @@ class DaskStepOperator(StepOperator):
         if store is not None:
             rows = [row for _, row in items.values()]
             await anyio.to_thread.run_sync(lambda: [store.update_job(*row) for row in rows])
-        published = [name for name, (was_published, _) in items.items() if was_published]
-        if client is not None and published:
-            await asyncio.gather(*(client.unpublish_dataset(name) for name in published), return_exceptions=True)
+        done: list[str] = []
+        for key, (was_published, _) in items.items():
+            name = self._batch_of.pop(key, None) if was_published else None
+            left = self._batch_left.get(name) if name is not None else None
+            if left is not None:
+                left.discard(key)
+                if not left:  # the whole batch ended: the cluster may forget its results
+                    del self._batch_left[name]  # type: ignore[arg-type]
+                    done.append(name)  # type: ignore[arg-type]
+        if client is not None and done:
+            await asyncio.gather(*(client.unpublish_dataset(name) for name in done), return_exceptions=True)
 
     def _release(self, future: Any, key: str, published: bool, row: tuple[str, str, int, str]) -> None:
         self._released.add(key, (published, row))
         if future is not None:
             future.release()
 
-    async def _stop(self, client: Any, future: Any, key: str, watch: _Watch, published: bool) -> None:
+    async def _stop(self, client: Any, future: Any, key: str, watch: _Watch) -> None:
         """Cancel the task, take it off the scheduler and free the worker thread running it."""
         with contextlib.suppress(Exception):  # best effort: the cancellation itself must propagate
             with anyio.fail_after(10):
                 await client.cancel([future], force=True, reason="cancelled by stepflow")
-                if published:
-                    with contextlib.suppress(Exception):
-                        await client.unpublish_dataset(key)
                 if watch.starts:
                     await client.run(_task.interrupt, [key], on_error="ignore")
 
