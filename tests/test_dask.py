@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -215,19 +216,22 @@ async def test_cancel_cancels_every_future_and_idles_the_cluster(dask_stack: Clu
 
 
 # ---------------------------------------------------------------------------------------------- 4
-def test_sigkilled_runner_resumes_by_reattaching(dask_stack: Cluster, tmp_path: Path) -> None:
-    home = tmp_path / "cli-home"
-    env = {**dask_stack.env, "STEPFLOW_HOME": str(home)}
-
+def _cli(env: dict[str, str]) -> Any:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "stepflow", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
 
-    registered = cli("step-operator", "register", "dask", "--type=dask", f"--address={dask_stack.address}")
+    return cli
+
+
+def _killed_mid_run(cluster: Cluster, tmp_path: Path) -> tuple[Any, str, Path]:
+    """A `stepflow run` of four 4-second steps on the cluster, SIGKILLed once all four run."""
+    env = {**cluster.env, "STEPFLOW_HOME": str(tmp_path / "cli-home")}
+    cli = _cli(env)
+    registered = cli("step-operator", "register", "dask", "--type=dask", f"--address={cluster.address}")
     assert registered.returncode == 0, registered.stderr
-    stacked = cli("stack", "register", "dask_stack", "-a", "default", "-s", "dask", "-s", "local")
+    stacked = cli("stack", "register", "dask_stack", "-a", "default", "-s", "dask", "-s", "local", "--set")
     assert stacked.returncode == 0, stacked.stderr
-    assert cli("stack", "set", "dask_stack").returncode == 0
     marker = tmp_path / "executions"
     run_id = f"dask-resume-{uuid.uuid4().hex[:6]}"
     runner = subprocess.Popen([sys.executable, "-m", "stepflow", "run", "tests.dask_steps:naps", "-p",
@@ -240,7 +244,11 @@ def test_sigkilled_runner_resumes_by_reattaching(dask_stack: Cluster, tmp_path: 
         time.sleep(0.05)
     runner.send_signal(signal.SIGKILL)
     assert runner.wait(timeout=30) == -signal.SIGKILL
+    return cli, run_id, marker
 
+
+def test_sigkilled_runner_resumes_by_reattaching(dask_stack: Cluster, tmp_path: Path) -> None:
+    cli, run_id, marker = _killed_mid_run(dask_stack, tmp_path)
     resumed = cli("resume", run_id, "--no-progress")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert resumed.stdout.count("re-attached to task") == 4, resumed.stdout
@@ -248,6 +256,29 @@ def test_sigkilled_runner_resumes_by_reattaching(dask_stack: Cluster, tmp_path: 
     shown = cli("runs", "show", run_id)
     assert "succeeded" in shown.stdout, shown.stdout
     assert "14" in resumed.stdout, resumed.stdout  # 0 + 1 + 4 + 9
+
+
+def test_resume_runs_again_what_the_cluster_no_longer_holds(dask_stack: Cluster, tmp_path: Path) -> None:
+    """As after a scheduler restart: the published tasks are gone, so resume runs the steps again, saying why."""
+    cli, run_id, marker = _killed_mid_run(dask_stack, tmp_path)
+
+    async def forget() -> None:
+        watcher: Any = await observe(dask_stack.address)
+        try:
+            for name in await watcher.list_datasets():
+                if name.startswith(f"stepflow-{run_id}-"):
+                    await watcher.cancel(list((await watcher.get_dataset(name)).values()), force=True)
+                    await watcher.unpublish_dataset(name)
+        finally:
+            await watcher.close()
+
+    anyio.run(forget)
+    resumed = cli("resume", run_id, "--no-progress")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.stdout.count("is no longer on the Dask cluster") == 4, resumed.stdout
+    assert sorted(marker.read_text().split()[::2]) == ["nap_0", "nap_0", "nap_1", "nap_1", "nap_2", "nap_2",
+                                                       "nap_3", "nap_3"]
+    assert "14" in resumed.stdout, resumed.stdout
 
 
 # ---------------------------------------------------------------------------------------------- 5
