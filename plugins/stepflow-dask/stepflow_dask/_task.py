@@ -2,9 +2,11 @@
 
 The task loads the step from its cloudpickle payload, runs it with ``current_step()`` set,
 and returns ``{"ok": True, "value": ...}`` or the error as plain data (type, message,
-traceback), so the runner reports the step's own traceback. While it runs, the step's prints
-and log records are sent to the runner as Dask events on :data:`TOPIC`, together with a
-``start`` event naming the worker (a second start of the same key means Dask rescheduled it).
+traceback), with the worker's address, so the runner reports the step's own traceback. While it
+runs, the step's prints and log records are sent to the runner as Dask events on :data:`TOPIC`.
+A step still running after ``announce_after`` seconds also sends a ``start`` event naming its
+worker (a second one for the same key means Dask rescheduled it). Short steps send none: an
+event per task costs the scheduler about as much as the task itself.
 
 Workers run several tasks in threads of one process, so output is captured per thread:
 ``sys.stdout``/``sys.stderr`` are replaced once per process by proxies that route a thread's
@@ -36,6 +38,7 @@ MAX_LINE = 16 * 1024
 _lock = threading.Lock()
 _running: dict[str, Callable[[], object]] = {}  # task key -> how to stop its step, for cancellation
 _interrupted: set[str] = set()
+_tokens: dict[str, object] = {}  # task key -> its current run on this worker
 _sinks: dict[int, Callable[[str, str], None]] = {}  # thread ident -> line sink while a step runs
 _installed = False
 
@@ -111,7 +114,8 @@ def _install() -> None:
         _installed = True
 
 
-def run_step(payload: bytes, key: str, run_id: str, step: str, attempt: int, pipeline: str) -> dict[str, Any]:
+def run_step(payload: bytes, key: str, run_id: str, step: str, attempt: int, pipeline: str,
+             announce_after: float = 0.5) -> dict[str, Any]:
     """Run one step attempt on this worker; the result (or the error) as plain data."""
     from distributed import get_worker
 
@@ -125,11 +129,12 @@ def run_step(payload: bytes, key: str, run_id: str, step: str, attempt: int, pip
             worker.log_event(TOPIC, {"key": key, "kind": "log", "line": line[start:start + MAX_LINE],
                                      "stream": stream})
 
-    worker.log_event(TOPIC, {"key": key, "kind": "start", "worker": worker.address})
     ident = threading.get_ident()
     with _lock:
         _running[key] = functools.partial(_raise_in_thread, ident)
         _interrupted.discard(key)
+    token = _tokens[key] = object()
+    worker.loop.add_callback(_arm, worker, key, token, announce_after)
     _sinks[ident] = send
     try:
         try:
@@ -137,6 +142,7 @@ def run_step(payload: bytes, key: str, run_id: str, step: str, attempt: int, pip
             fn = resolve(target) if isinstance(target, tuple) else target
         except Exception as exc:
             return {"ok": False, "type": "StepLoadError", "nonretryable": True, "traceback": "",
+                    "worker": worker.address,
                     "message": f"the worker {worker.address} cannot load step '{step}': {type(exc).__name__}: {exc} "
                                "(install the step's module and its dependencies on the workers, at the versions "
                                "the runner has)"}
@@ -146,12 +152,12 @@ def run_step(payload: bytes, key: str, run_id: str, step: str, attempt: int, pip
                     value = asyncio.run(_run_async(key, fn, args, kwargs))
                 else:
                     value = fn(*args, **kwargs)
-            return {"ok": True, "value": value}
+            return {"ok": True, "value": value, "worker": worker.address}
         except Exception as exc:
             tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None  # drop this frame
             return {"ok": False, "type": type(exc).__name__, "message": str(exc),
                     "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
-                    "nonretryable": isinstance(exc, NonRetryableError)}
+                    "nonretryable": isinstance(exc, NonRetryableError), "worker": worker.address}
     finally:
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, _ThreadRouter):
@@ -159,10 +165,22 @@ def run_step(payload: bytes, key: str, run_id: str, step: str, attempt: int, pip
         _sinks.pop(ident, None)
         with _lock:
             _running.pop(key, None)
+            if _tokens.get(key) is token:
+                del _tokens[key]
             stopped = key in _interrupted
             _interrupted.discard(key)
         if stopped:  # an interruption may still be pending for this thread: take it here
             _absorb()
+
+
+def _arm(worker: Any, key: str, token: object, delay: float) -> None:
+    """On the worker's event loop: announce the step if it still runs after ``delay`` seconds."""
+
+    def announce() -> None:
+        if _tokens.get(key) is token:  # the same run of this key, still going
+            worker.log_event(TOPIC, {"key": key, "kind": "start", "worker": worker.address})
+
+    worker.loop.call_later(delay, announce)
 
 
 def function_ref(fn: Callable[..., Any]) -> tuple[str, str] | None:

@@ -57,6 +57,9 @@ class DaskOperatorConfig:
                                                    "limit; the cluster queues the rest).")
     check_versions: bool = option(True, doc="Before the first submit, fail when package versions differ between "
                                             "this machine, the scheduler and the workers.")
+    announce_after_s: float = option(0.5, doc="A step still running after this many seconds reports the worker it "
+                                              "runs on (and a worker that dies under it); shorter steps report "
+                                              "their worker with their result.")
     reattach: bool = option(True, doc="Publish each running step on the scheduler so that `stepflow resume` after a "
                                       "runner crash re-attaches to it instead of running it again.")
 
@@ -69,6 +72,8 @@ class DaskOperatorConfig:
         _positive("local_workers", self.local_workers, allow_none=False)
         _positive("local_threads_per_worker", self.local_threads_per_worker, allow_none=False)
         _positive("max_concurrency", self.max_concurrency)
+        if self.announce_after_s < 0:
+            raise ValueError(f"announce_after_s must be >= 0, got {self.announce_after_s}")
         _check_resources("resources", self.resources)
         _check_resources("local_resources", self.local_resources)
         tls = [self.tls_ca_file, self.tls_client_cert]

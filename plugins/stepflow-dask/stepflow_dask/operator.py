@@ -49,6 +49,8 @@ from stepflow_dask.flavor import DaskOperatorConfig, DaskSettings
 CHECKED_PACKAGES = ("stepflow", "stepflow-dask")
 #: Dask's own packages worth failing for (a micro Python difference is fine for cloudpickle).
 DASK_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack", "tornado", "toolz")
+#: Seconds after a cancellation when the steps of cancelled tasks are interrupted a second time.
+INTERRUPT_AGAIN_S = 1.0
 #: Seconds a fetched list of the cluster's workers is reused to check steps' resources.
 IDENTITY_TTL = 2.0
 
@@ -124,6 +126,7 @@ class _LeftTasks:
 
     def __init__(self, operator: DaskStepOperator) -> None:
         self.operator = operator
+        self.stopped: set[str] = set()  # keys cancelled here (a future's own status may lag behind)
 
     async def _published(self, key: str) -> tuple[str, dict[str, Any]] | None:
         client = await self.operator.connect()
@@ -146,8 +149,9 @@ class _LeftTasks:
         client = await self.operator.connect()
         name, tasks = found
         await client.cancel([tasks[job_id]], force=True, reason="stopped by `stepflow runs stop`")
+        self.stopped.add(job_id)
         await client.run(_task.interrupt, [job_id], on_error="ignore")
-        if all(f.status in ("finished", "error", "cancelled") for f in tasks.values()):
+        if all(key in self.stopped or f.status in ("finished", "error") for key, f in tasks.items()):
             await client.unpublish_dataset(name)
 
 
@@ -176,6 +180,7 @@ class DaskStepOperator(StepOperator):
         self._completion: Any = None
         self._collector: asyncio.Task[None] | None = None
         self._gatherer = _Batcher(self._gather_batch)
+        self._interrupter = _Batcher(self._interrupt_batch)
         self._batch_of: dict[str, str] = {}  # task key -> the dataset publishing it
         self._batch_left: dict[str, set[str]] = {}  # dataset -> its keys not yet released
         # run -> (key -> (dataset, future)): what a dead runner of that run published, fetched once
@@ -252,6 +257,8 @@ class DaskStepOperator(StepOperator):
         """Close the client, and stop the local cluster when this run started one."""
         with contextlib.suppress(Exception):  # the last ends are recorded and unpublished first
             await self._released.drain()
+            with anyio.move_on_after(5):
+                await self._interrupter.drain()
             if self.client is not None:  # batches of an earlier runner whose other tasks ended before it died
                 leftovers = {name for name in self._batch_left} | {
                     name for found in self._left_by_dead.values() if found.done() and not found.exception()
@@ -307,7 +314,7 @@ class DaskStepOperator(StepOperator):
         client = await self.connect()
         settings = self._settings(inv.settings)
         key = task_key(inv.run_id, inv.step, inv.attempt)
-        watch = self._watches[key] = _Watch(inv.emit)
+        self._watches[key] = _Watch(inv.emit)
         future: Any = None
         published = False
         try:
@@ -331,7 +338,7 @@ class DaskStepOperator(StepOperator):
                     future = await submitting
             if future is not None:
                 with anyio.CancelScope(shield=True):
-                    await self._stop(client, future, key, watch)
+                    await self._stop(client, future, key)
                 self._release(future, key, published, (inv.run_id, inv.step, inv.attempt, "stopped"))
             if isinstance(exc, Exception) and not isinstance(exc, StepflowError):
                 raise self._lost(inv, key, exc) from None
@@ -340,6 +347,8 @@ class DaskStepOperator(StepOperator):
             self._watches.pop(key, None)
         self._release(future, key, published, (inv.run_id, inv.step, inv.attempt,
                                                "succeeded" if outcome.get("ok") else "failed"))
+        inv.emit(JobStatusChanged, job_id=key, status="finished" if outcome.get("ok") else "failed",
+                 detail=f"on worker {outcome.get('worker', '?')}")
         if outcome.get("ok"):
             return outcome.get("value")
         cls = RemoteNonRetryableError if outcome.get("nonretryable") else RemoteStepError
@@ -444,8 +453,8 @@ class DaskStepOperator(StepOperator):
                      settings.priority if settings.priority is not None else self.config.priority)
         record = (inv.run_id, inv.step, inv.attempt, self.name, key, key, None,
                   json.dumps({"address": self.config.address, "key": key}))
-        return await self._submitter.add(key, (placement, (payload, key, inv.run_id, inv.step, inv.attempt,
-                                                           inv.pipeline), record))
+        args = (payload, key, inv.run_id, inv.step, inv.attempt, inv.pipeline, self.config.announce_after_s)
+        return await self._submitter.add(key, (placement, args, record))
 
     async def _submit_batch(self, items: dict[str, Any]) -> dict[str, Any]:
         """Submit every attempt queued in this loop iteration: one graph per placement, one publish for all.
@@ -554,13 +563,26 @@ class DaskStepOperator(StepOperator):
         if future is not None:
             future.release()
 
-    async def _stop(self, client: Any, future: Any, key: str, watch: _Watch) -> None:
+    async def _stop(self, client: Any, future: Any, key: str) -> None:
         """Cancel the task, take it off the scheduler and free the worker thread running it."""
         with contextlib.suppress(Exception):  # best effort: the cancellation itself must propagate
             with anyio.fail_after(10):
                 await client.cancel([future], force=True, reason="cancelled by stepflow")
-                if watch.starts:
-                    await client.run(_task.interrupt, [key], on_error="ignore")
+        self._interrupter.add(key, None)
+
+    async def _interrupt_batch(self, items: dict[str, Any]) -> None:
+        """Stop the steps of cancelled tasks on the workers, and once more a second later.
+
+        The second time catches a task that was just starting when the first request arrived;
+        stopping a step that is not running is a no-op.
+        """
+        keys = list(items)
+        for delay in (0.0, INTERRUPT_AGAIN_S):
+            await asyncio.sleep(delay)
+            client = self.client
+            if client is None:
+                return
+            await client.run(_task.interrupt, keys, on_error="ignore")
 
     def _lost(self, inv: Invocation, key: str, exc: BaseException) -> Exception:
         name = type(exc).__name__
