@@ -267,6 +267,7 @@ class DaskStepOperator(StepOperator):
         self._batch_left.clear()
         self._batch_of.clear()
         self._left_by_dead.clear()
+        self._completion, self._collector, self._identity_at = None, None, None  # bound to this client
         client, self.client, self._connecting = self.client, None, None
         with contextlib.suppress(Exception):  # closing must not hide the run's outcome
             if client is not None:
