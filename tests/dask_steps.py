@@ -59,3 +59,14 @@ def on_gpu() -> int:
 @pipeline
 def needs_gpu():
     return on_gpu()
+
+
+@step(step_operator="docker")
+def containerized(x: int) -> int:
+    """Written for the docker operator; the stack decides where it runs."""
+    return x + 1
+
+
+@pipeline
+def written_for_docker(x: int = 1):
+    return containerized(x)

@@ -458,3 +458,14 @@ async def test_tls_cluster(tmp_path: Path) -> None:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=15)
+
+
+async def test_a_step_written_for_docker_moves_to_dask_by_a_stack_change(dask_stack: Cluster) -> None:
+    client = Client()
+    client.register_stack("moved", artifact_store="default", step_operators=["docker=dask", "local"])
+    bus = EventBus()
+    async with capture_events(bus) as events:
+        result = await run(dask_steps.written_for_docker(41), event_bus=bus, stack="moved")
+    assert result.status == "succeeded" and result.output == 42, result
+    finished = [e.detail for e in events.of_type(JobStatusChanged) if e.status == "finished"]
+    assert len(finished) == 1 and finished[0].removeprefix("on worker ") in dask_stack.workers, finished
