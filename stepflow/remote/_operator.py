@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import os
 import re
@@ -148,6 +149,10 @@ class JobOperator(StepOperator):
         res = self.resources
         store = self._store()
         assert res is not None
+        # The image machinery (pathspec, the wheelhouse) is imported off the loop, before any step
+        # launches: compiling it on the loop would stall every other step for tens of ms.
+        await anyio.to_thread.run_sync(importlib.import_module, "stepflow.remote._images")
+        await anyio.to_thread.run_sync(self._image_builder)  # scans entry points: off the loop too
         if res.container_registry is None:
             raise ConfigError(f"{self.what} needs a container registry in stack '{res.stack}' (add one with "
                               f"`stepflow stack update {res.stack} -c NAME`)")

@@ -165,6 +165,9 @@ class DockerImageBuilder(ImageBuilder):
 
         image_id: str | None = None
         async with self._daemon() as docker:
+            # aiodocker streams the context without ever yielding (the daemon's socket drains at
+            # once): a large context would hold the event loop for its whole upload.
+            docker.images._stream = _yielding_stream  # type: ignore[method-assign]
             try:
                 with open(tarball, "rb") as fh:
                     stream = docker.images.build(fileobj=fh, encoding="identity", tag=tag, stream=True,
@@ -436,6 +439,13 @@ def _tar_context(context: Path) -> str:
         _unlink(name)
         raise
     return name
+
+
+async def _yielding_stream(fileobj: Any) -> AsyncIterator[bytes]:
+    """The file in 64 KiB chunks, letting the event loop run between them."""
+    while chunk := fileobj.read(65536):
+        yield chunk
+        await anyio.sleep(0)
 
 
 def _unlink(path: str) -> None:
