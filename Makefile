@@ -18,11 +18,11 @@ env: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml examples/plugin-subprocess/pyproject.toml plugins/stepflow-docker/pyproject.toml \
 		plugins/stepflow-sagemaker/pyproject.toml plugins/stepflow-localcloud/pyproject.toml plugins/stepflow-dask/pyproject.toml \
-		plugins/stepflow-vertex/pyproject.toml
+		plugins/stepflow-vertex/pyproject.toml plugins/stepflow-azureml/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]' -e examples/plugin-subprocess -e plugins/stepflow-docker \
-		-e plugins/stepflow-sagemaker -e plugins/stepflow-vertex -e plugins/stepflow-localcloud \
+		-e plugins/stepflow-sagemaker -e plugins/stepflow-vertex -e plugins/stepflow-azureml -e plugins/stepflow-localcloud \
 		-e plugins/stepflow-dask
 	touch $@
 

@@ -1,0 +1,1 @@
+"""Azure Machine Learning plugin for stepflow: the ``azureml`` step operator and the ``azure`` (ACR) registry."""
