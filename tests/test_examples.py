@@ -41,7 +41,7 @@ def test_import_is_light_and_imports_no_cloud_sdk() -> None:
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("example", ["sagemaker", "vertex"])
+@pytest.mark.parametrize("example", ["sagemaker", "vertex", "azureml"])
 def test_the_cloud_examples_run_in_one_command(example: str, tmp_path: Path) -> None:
     """`bash examples/<cloud>/run_local.sh`: local control plane, emulated storage, the job on Docker."""
     from tests.docker_env import require_docker

@@ -1,9 +1,9 @@
-"""The seed's promise: the same pipeline code runs its trainer on Docker, SageMaker and Vertex AI.
+"""The seed's promise: the same pipeline code runs its trainer on Docker, SageMaker, Vertex AI and Azure ML.
 
 Only the active stack changes. Each stack maps the operator name the step uses (``trainer``)
-to its own step operator (``-s trainer=docker`` / ``sagemaker`` / ``vertex``). SageMaker and
-Vertex AI are the local control planes of stepflow-localcloud, running the jobs on Docker;
-S3 is moto, Cloud Storage the GCS emulator.
+to its own step operator (``-s trainer=docker`` / ``sagemaker`` / ``vertex`` / ``azureml``).
+SageMaker, Vertex AI and Azure ML are the local control planes of stepflow-localcloud, running
+the jobs on Docker; S3 is moto, Cloud Storage the GCS emulator, Blob Storage Azurite.
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ import pytest
 from stepflow._stack.client import Client
 from stepflow.events import JobSubmitted
 from tests.docker_env import REGISTRY, docker_test, remove_local_images, require_docker, run_with_events, write_project
-from tests.services import AWS_TEST_REGION, aws_env, gcs_emulator, moto_server
+from tests.services import (
+    AWS_TEST_REGION,
+    AZURITE_ACCOUNT,
+    AZURITE_KEY,
+    aws_env,
+    azurite,
+    azurite_connection_string,
+    gcs_emulator,
+    moto_server,
+)
 
-__all__ = ["gcs_emulator", "moto_server"]
+__all__ = ["azurite", "gcs_emulator", "moto_server"]
 
 PIPES = textwrap.dedent(
     '''
@@ -38,7 +47,8 @@ PIPES = textwrap.dedent(
     @step(step_operator="trainer")
     def train(data: list[int], lr: float = 0.5) -> dict:
         where = ("sagemaker" if "TRAINING_JOB_NAME" in os.environ
-                 else "vertex" if "CLOUD_ML_JOB_ID" in os.environ else "docker")
+                 else "vertex" if "CLOUD_ML_JOB_ID" in os.environ
+                 else "azureml" if "AZUREML_RUN_ID" in os.environ else "docker")
         return {"score": sum(data) * lr, "ran_on": where, "in_container": os.path.exists("/.dockerenv")}
 
 
@@ -50,10 +60,13 @@ PIPES = textwrap.dedent(
 
 
 @pytest.fixture
-def clouds(tmp_path: Path, moto_server: str, gcs_emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def clouds(tmp_path: Path, moto_server: str, gcs_emulator: str, azurite: str,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     require_docker()
     import boto3
+    from azure.storage.blob import BlobServiceClient
     from gcsfs.core import GCSFileSystem
+    from stepflow_localcloud.azureml import serve_in_thread as azureml
     from stepflow_localcloud.sagemaker import serve_in_thread as sagemaker
     from stepflow_localcloud.vertex import serve_in_thread as vertex
 
@@ -66,9 +79,12 @@ def clouds(tmp_path: Path, moto_server: str, gcs_emulator: str, monkeypatch: pyt
     bucket = f"three-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=moto_server, region_name=AWS_TEST_REGION).create_bucket(Bucket=bucket)
     GCSFileSystem(endpoint_url=gcs_emulator, token="anon", project="test").mkdir(bucket)
+    connection = azurite_connection_string(azurite)
+    BlobServiceClient.from_connection_string(connection).create_container(bucket)
     prefix = f"t-three-{uuid.uuid4().hex[:8]}"
     with sagemaker(logs_endpoint=moto_server, phase_delay=0.1) as sm, \
-            vertex(project="my-project", location="us-central1", phase_delay=0.1) as vx:
+            vertex(project="my-project", location="us-central1", phase_delay=0.1) as vx, \
+            azureml(phase_delay=0.1, container_env={"AZURE_STORAGE_CONNECTION_STRING": connection}) as aml:
         c = Client()
         c.register_component("image_builder", "builder", "docker", {})
         # Docker
@@ -95,17 +111,31 @@ def clouds(tmp_path: Path, moto_server: str, gcs_emulator: str, monkeypatch: pyt
             "project_root": str(project)})
         c.register_stack("vertex_stack", artifact_store="gcs-store", container_registry="gar",
                          image_builder="builder", step_operators=["trainer=vertex"])
+        # Azure ML
+        ws = aml.backend
+        assert ws is not None
+        c.register_component("artifact_store", "az-store", "azure", {
+            "path": f"az://{bucket}/sf", "account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY,
+            "endpoint_url": azurite})
+        c.register_component("container_registry", "acr", "azure", {"uri": f"{REGISTRY}/{prefix}"})
+        c.register_component("step_operator", "azureml", "azureml", {
+            "subscription_id": ws.subscription_id, "resource_group": ws.resource_group,
+            "workspace_name": ws.workspace_name, "endpoint": aml.url, "ca_bundle": aml.certificate_file,
+            "project_root": str(project)})
+        c.register_stack("azure_stack", artifact_store="az-store", container_registry="acr",
+                         image_builder="builder", step_operators=["trainer=azureml"])
         yield module
     remove_local_images(f"{REGISTRY}/{prefix}/")
 
 
 @docker_test
-async def test_one_pipeline_three_backends_by_changing_only_the_active_stack(clouds: str) -> None:
+async def test_one_pipeline_four_backends_by_changing_only_the_active_stack(clouds: str) -> None:
     import importlib
 
     pipes = importlib.import_module(clouds)
     seen: dict[str, Any] = {}
-    for stack, backend in (("docker_stack", "docker"), ("sagemaker_stack", "sagemaker"), ("vertex_stack", "vertex")):
+    for stack, backend in (("docker_stack", "docker"), ("sagemaker_stack", "sagemaker"), ("vertex_stack", "vertex"),
+                           ("azure_stack", "azureml")):
         Client().set_active_stack(stack)
         result, events = await run_with_events(pipes.training(lr=2.0))  # the same code every time
         assert result.status == "succeeded", (stack, {k: s.error for k, s in result.steps.items()})
@@ -114,4 +144,5 @@ async def test_one_pipeline_three_backends_by_changing_only_the_active_stack(clo
         seen[backend] = job
     assert seen["sagemaker"].startswith("sf-")
     assert seen["vertex"].startswith("projects/my-project/locations/us-central1/customJobs/")
+    assert seen["azureml"].startswith("sf-")  # Azure ML takes the client's deterministic name
     assert len(seen["docker"]) == 64  # a container id
