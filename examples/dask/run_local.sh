@@ -10,39 +10,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
-elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
-else PY=python3
-fi
-SF=("$PY" -m stepflow)
-WORK=$(mktemp -d -t stepflow-dask-XXXXXX)
-export STEPFLOW_HOME=${STEPFLOW_HOME:-$WORK/home}
+source examples/local_services.sh dask
 # The workers import the pipeline's module (examples.dask.pipeline) from this checkout.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-
-"$PY" -c "import stepflow_dask, distributed" 2>/dev/null || {
-    echo "installing the Dask plugin (editable): plugins/stepflow-dask"
-    "$PY" -m pip install -q -e plugins/stepflow-dask; }
-
-free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-PIDS=()
-cleanup() {
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${PIDS[$i]}" 2>/dev/null || true
-        wait "${PIDS[$i]}" 2>/dev/null || true
-    done
-    echo "logs of the scheduler and workers: $WORK"
-}
-trap cleanup EXIT
+need_plugins stepflow_dask
 
 PORT=$(free_port)
 ADDRESS=tcp://127.0.0.1:$PORT
-"$PY" -m distributed.cli.dask_scheduler --host 127.0.0.1 --port "$PORT" --no-dashboard >"$WORK/scheduler.log" 2>&1 &
-PIDS+=($!)
+start_server "$WORK/scheduler.log" "$PY" -m distributed.cli.dask_scheduler --host 127.0.0.1 --port "$PORT" \
+    --no-dashboard
 for i in $(seq 1 "${WORKERS:-2}"); do
-    "$PY" -m distributed.cli.dask_worker "$ADDRESS" --host 127.0.0.1 --nthreads "${THREADS:-2}" --no-dashboard \
-        --name "worker-$i" >"$WORK/worker-$i.log" 2>&1 &
-    PIDS+=($!)
+    start_server "$WORK/worker-$i.log" "$PY" -m distributed.cli.dask_worker "$ADDRESS" --host 127.0.0.1 \
+        --nthreads "${THREADS:-2}" --no-dashboard --name "worker-$i"
 done
 "$PY" - "$ADDRESS" "${WORKERS:-2}" <<'PYEOF' || { echo "error: the cluster did not start:" >&2; tail -20 "$WORK"/*.log >&2; exit 1; }
 import sys
@@ -53,14 +32,7 @@ with Client(sys.argv[1], timeout=30) as client:
 PYEOF
 echo "Dask scheduler on $ADDRESS with ${WORKERS:-2} workers, STEPFLOW_HOME=$STEPFLOW_HOME"
 
-if "${SF[@]}" step-operator describe dask >/dev/null 2>&1; then
-    "${SF[@]}" step-operator update dask --address="$ADDRESS"
-else
-    "${SF[@]}" step-operator register dask --type=dask --address="$ADDRESS"
-fi
-if ! "${SF[@]}" stack describe dask_stack >/dev/null 2>&1; then
-    "${SF[@]}" stack register dask_stack -a default -s dask -s local
-fi
-"${SF[@]}" stack set dask_stack
+upsert step-operator dask --type=dask --address="$ADDRESS"
+upsert_stack dask_stack -a default -s dask -s local
 "${SF[@]}" run examples.dask.pipeline:ingestion "$@"
 echo "inspect the run: STEPFLOW_HOME=$STEPFLOW_HOME $PY -m stepflow runs list"

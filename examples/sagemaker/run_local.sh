@@ -14,76 +14,30 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
-elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
-else PY=python3
-fi
-SF=("$PY" -m stepflow)
-WORK=$(mktemp -d -t stepflow-sagemaker-XXXXXX)
-export STEPFLOW_HOME=${STEPFLOW_HOME:-$WORK/home}
+source examples/local_services.sh sagemaker
 BUCKET=stepflow-example
 REGION=us-east-1
 
 # -- prerequisites ----------------------------------------------------------------------------
-docker info >/dev/null 2>&1 || { echo "error: dockerd does not answer: run 'sudo bash scripts/services.sh'" >&2; exit 1; }
-docker image inspect stepflow-base:py3.11 >/dev/null 2>&1 \
-  || { echo "error: the stepflow-base:py3.11 image is missing: run 'sudo bash scripts/services.sh'" >&2; exit 1; }
+need_docker
 "$PY" -c "import moto.server, s3fs" 2>/dev/null \
   || { echo "error: $PY needs moto's server and s3fs: $PY -m pip install 'moto[server]' 'stepflow[s3]'" >&2; exit 1; }
-if ! "$PY" -c "
-import sys
-from importlib.metadata import entry_points
-ops = {e.name for e in entry_points(group='stepflow.step_operators')}
-regs = {e.name for e in entry_points(group='stepflow.container_registries')}
-sys.exit(0 if 'sagemaker' in ops and 'ecr' in regs else 1)"; then
-    echo "installing the SageMaker plugin (editable): plugins/stepflow-docker, plugins/stepflow-sagemaker"
-    "$PY" -m pip install -q -e plugins/stepflow-docker -e plugins/stepflow-sagemaker
-fi
-if ! "$PY" -c "import stepflow_localcloud.sagemaker" 2>/dev/null; then
-    echo "installing the local control plane (editable): plugins/stepflow-localcloud"
-    "$PY" -m pip install -q -e plugins/stepflow-localcloud
-fi
+need_plugins stepflow_docker stepflow_sagemaker stepflow_localcloud
 
 # -- moto and the local SageMaker backend, stopped on exit ------------------------------------
-free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_http() {  # URL NAME PID LOG: until the server answers, or fail with its output
-    for _ in $(seq 1 300); do
-        if "$PY" -c "import sys, urllib.request as u, urllib.error as e
-try: u.urlopen(sys.argv[1], timeout=1)
-except e.HTTPError: pass
-except OSError: sys.exit(1)" "$1" 2>/dev/null; then return 0; fi
-        kill -0 "$3" 2>/dev/null || { echo "error: $2 exited:" >&2; tail -20 "$4" >&2; exit 1; }
-        sleep 0.1
-    done
-    echo "error: $2 did not answer on $1 within 30 s:" >&2; tail -20 "$4" >&2; exit 1
-}
-PIDS=()
-cleanup() {
-    # The backend first: on SIGTERM it stops its jobs and removes their containers.
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${PIDS[$i]}" 2>/dev/null || true
-        wait "${PIDS[$i]}" 2>/dev/null || true
-    done
-    echo "logs of moto and the SageMaker backend: $WORK"
-}
-trap cleanup EXIT
-
 MOTO_PORT=$(free_port)
 MOTO=http://127.0.0.1:$MOTO_PORT
-"$PY" -m moto.server -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
-PIDS+=($!)
-wait_http "$MOTO" moto "${PIDS[-1]}" "$WORK/moto.log"
+start_server "$WORK/moto.log" "$PY" -m moto.server -H 127.0.0.1 -p "$MOTO_PORT"
+wait_tcp "$MOTO_PORT" moto "$WORK/moto.log"
 
 SM_PORT=$(free_port)
 SAGEMAKER=http://127.0.0.1:$SM_PORT
 # Moto's test keys are named as the job role's: the default would hand this shell's own AWS keys
 # to the job containers (through the control plane's container credentials endpoint).
-"$PY" -m stepflow_localcloud.sagemaker --host 127.0.0.1 --port "$SM_PORT" --logs-endpoint "$MOTO" \
-    --region "$REGION" --throttle-rate "${THROTTLE_RATE:-0}" --error-rate "${ERROR_RATE:-0}" \
-    --role-access-key-id testing --role-secret-access-key testing --role-session-token testing \
-    >"$WORK/sagemaker.log" 2>&1 &
-PIDS+=($!)
-wait_http "$SAGEMAKER" "the local SageMaker backend" "${PIDS[-1]}" "$WORK/sagemaker.log"
+start_server "$WORK/sagemaker.log" "$PY" -m stepflow_localcloud.sagemaker --host 127.0.0.1 --port "$SM_PORT" \
+    --logs-endpoint "$MOTO" --region "$REGION" --throttle-rate "${THROTTLE_RATE:-0}" --error-rate "${ERROR_RATE:-0}" \
+    --role-access-key-id testing --role-secret-access-key testing --role-session-token testing
+wait_tcp "$SM_PORT" "the local SageMaker backend" "$WORK/sagemaker.log"
 echo "moto on $MOTO, local SageMaker on $SAGEMAKER, STEPFLOW_HOME=$STEPFLOW_HOME"
 
 # Every AWS call of this process and its children goes to moto, never to real AWS.
@@ -98,16 +52,6 @@ s3 = botocore.session.get_session().create_client('s3', endpoint_url='$MOTO', re
 s3.create_bucket(Bucket='$BUCKET')"
 
 # -- the stack (registered, or updated when STEPFLOW_HOME already has it: the ports change) -----
-upsert() {  # KIND NAME [--type=FLAVOR] [--OPTION=VALUE]...
-    local kind=$1 name=$2 args=()
-    shift 2
-    if "${SF[@]}" "$kind" describe "$name" >/dev/null 2>&1; then
-        for a in "$@"; do [[ $a == --type=* ]] || args+=("$a"); done
-        "${SF[@]}" "$kind" update "$name" "${args[@]}"
-    else
-        "${SF[@]}" "$kind" register "$name" "$@"
-    fi
-}
 upsert artifact-store s3-store --type=s3 --path=s3://$BUCKET/artifacts --endpoint_url="$MOTO"
 upsert container-registry ecr_registry --type=ecr --uri=127.0.0.1:5000/ecr --endpoint_url="$MOTO" --region=$REGION
 upsert image-builder docker_builder --type=docker
