@@ -286,3 +286,76 @@ def register_docker_stack(project: Any, name: str = "docker_stack") -> str:
                      step_operators=["docker", "local"])
     c.set_active_stack(name)
     return prefix
+
+
+# -- crash and resume: the same checks for every remote backend --------------------------------
+def _project_env(project: Any, **extra: str) -> dict[str, str]:
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(project), root, os.environ.get("PYTHONPATH", "")]),
+            "COLUMNS": "160", **extra}
+
+
+def _resume(project: Any, run_id: str) -> Any:
+    import sys
+
+    from stepflow._store.runs import RunStore
+
+    resumed = subprocess.run([sys.executable, "-m", "stepflow", "resume", run_id, "--no-progress"], cwd=project,
+                             env=_project_env(project), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    store = RunStore()
+    assert store.get_run(run_id).status == "succeeded"
+    steps = {s.step: s.status for s in store.steps(run_id)}
+    assert set(steps.values()) == {"succeeded"}, steps
+    (job,) = store.jobs(run_id)
+    return job
+
+
+def sigkill_after_submit_then_resume(project: Any, module: str, creates: Callable[[], int]) -> Any:
+    """Run ``MODULE:sleepy`` (one remote step) in a ``stepflow run`` process, SIGKILL it once the
+    backend accepted the job, then ``stepflow resume``: it must succeed without a create call.
+
+    ``creates()`` counts the backend's job-creating calls. Returns the run store's job record.
+    """
+    import signal
+    import sys
+    import time
+
+    from stepflow._store.runs import RunStore
+
+    runner = subprocess.Popen([sys.executable, "-m", "stepflow", "run", f"{module}:sleepy", "-p", "seconds=8",
+                               "--no-progress"], cwd=project, env=_project_env(project), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    store = RunStore()
+    run_id = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and run_id is None:
+            runs = store.list_runs(1)
+            if runs and any(j.job_id for j in store.jobs(runs[0].run_id)):  # accepted by the backend
+                run_id = runs[0].run_id
+            elif runner.poll() is not None:
+                pytest.fail(f"runner exited early: {runner.stdout.read() if runner.stdout else ''}")
+            time.sleep(0.2)
+        assert run_id is not None, "the runner never recorded the job"
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+    before = creates()
+    job = _resume(project, run_id)
+    assert creates() == before, "resume created the job again"
+    return job
+
+
+def sigkill_at_failpoint_then_resume(project: Any, module: str, phase: str) -> Any:
+    """``stepflow run MODULE:sleepy`` killed by the failpoint ``phase``, then resumed; returns the job record."""
+    import signal
+    import sys
+
+    run_id = f"crash-{phase.replace('.', '-')}-{uuid.uuid4().hex[:6]}"
+    killed = subprocess.run([sys.executable, "-m", "stepflow", "run", f"{module}:sleepy", "-p", "seconds=1",
+                             "--run-id", run_id, "--no-progress"], cwd=project,
+                            env=_project_env(project, STEPFLOW_FAILPOINTS=phase), capture_output=True, text=True,
+                            timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    return _resume(project, run_id)

@@ -31,7 +31,16 @@ from stepflow import EventBus, run
 from stepflow._stack.client import Client
 from stepflow.errors import ConfigError, PipelineDefinitionError, StepflowError
 from stepflow.events import ImageBuildFinished, ImagePushed, JobStatusChanged, JobSubmitted, LogLine, StepCancelled
-from tests.docker_env import REGISTRY, docker_test, remove_local_images, require_docker, run_with_events, shared_pipes
+from tests.docker_env import (
+    REGISTRY,
+    docker_test,
+    remove_local_images,
+    require_docker,
+    run_with_events,
+    shared_pipes,
+    sigkill_after_submit_then_resume,
+    sigkill_at_failpoint_then_resume,
+)
 from tests.services import AZURITE_ACCOUNT, AZURITE_KEY, azurite, azurite_connection_string
 
 __all__ = ["azurite"]
@@ -337,50 +346,16 @@ async def test_cancelling_the_run_cancels_every_job_within_5s(az_stack: dict[str
 
 @docker_test
 def test_sigkill_then_resume_creates_no_job_twice(az_stack: dict[str, Any]) -> None:
-    from stepflow._store.runs import RunStore
-
-    aml, project = az_stack["aml"], az_stack["project"]
-    runner = subprocess.Popen([sys.executable, "-m", "stepflow", "run", f"{MODULE}:sleepy", "-p", "seconds=8",
-                               "--no-progress"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, "PYTHONPATH": str(project)})
-    store = RunStore()
-    run_id = None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and run_id is None:
-            runs = store.list_runs(1)
-            if runs and any(j.job_id for j in store.jobs(runs[0].run_id)):
-                run_id = runs[0].run_id
-            elif runner.poll() is not None:
-                pytest.fail(f"runner exited early: {runner.stdout.read() if runner.stdout else ''}")
-            time.sleep(0.2)
-        assert run_id is not None, "the runner never recorded the job"
-    finally:
-        runner.send_signal(signal.SIGKILL)
-        runner.wait(timeout=10)
-    before = creates(aml)
-    resumed = cli(["resume", run_id, "--no-progress"], project)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert store.get_run(run_id).status == "succeeded"
-    assert creates(aml) == before, "resume created a job"
-    (job,) = store.jobs(run_id)
+    aml = az_stack["aml"]
+    job = sigkill_after_submit_then_resume(az_stack["project"], MODULE, lambda: creates(aml))
     assert aml.stats()["created"][job.job_name] == 1
 
 
 @docker_test
 @pytest.mark.parametrize("phase", ["job.recorded", "job.submitted"])
 def test_sigkill_at_submit_time_then_resume_creates_each_job_once(phase: str, az_stack: dict[str, Any]) -> None:
-    from stepflow._store.runs import RunStore
-
-    aml, project = az_stack["aml"], az_stack["project"]
-    run_id = f"azcrash-{phase.replace('.', '-')}-{uuid.uuid4().hex[:6]}"
-    killed = cli(["run", f"{MODULE}:sleepy", "-p", "seconds=1", "--run-id", run_id, "--no-progress"], project,
-                 STEPFLOW_FAILPOINTS=phase)
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    resumed = cli(["resume", run_id, "--no-progress"], project)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    (job,) = RunStore().jobs(run_id)
-    assert aml.stats()["created"][job.job_name] == 1
+    job = sigkill_at_failpoint_then_resume(az_stack["project"], MODULE, phase)
+    assert az_stack["aml"].stats()["created"][job.job_name] == 1
 
 
 # ------------------------------------------------------------------------------ failures, bad input

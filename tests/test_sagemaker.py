@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -42,7 +41,16 @@ from stepflow.events import (
     LogLine,
     StepCancelled,
 )
-from tests.docker_env import REGISTRY, docker_test, remove_local_images, require_docker, run_with_events, shared_pipes
+from tests.docker_env import (
+    REGISTRY,
+    docker_test,
+    remove_local_images,
+    require_docker,
+    run_with_events,
+    shared_pipes,
+    sigkill_after_submit_then_resume,
+    sigkill_at_failpoint_then_resume,
+)
 from tests.services import AWS_TEST_REGION, aws_env, moto_server
 
 __all__ = ["moto_server"]
@@ -385,42 +393,10 @@ async def test_a_job_stopped_outside_stepflow_cancels_its_step(sm_stack: dict[st
 
 @docker_test
 def test_sigkill_then_resume_creates_no_training_job_twice(sm_stack: dict[str, Any]) -> None:
-    backend, project = sm_stack["backend"], sm_stack["project"]
-    environ = cli_env(project)
-    runner = subprocess.Popen([sys.executable, "-m", "stepflow", "run", f"{MODULE}:sleepy", "-p", "seconds=8",
-                               "--no-progress"], cwd=project, env=environ, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    from stepflow._store.runs import RunStore
-
-    store = RunStore()
-    deadline = time.monotonic() + 240
-    run_id = None
-    try:
-        while time.monotonic() < deadline:
-            runs = store.list_runs(1)
-            if runs and any(j.job_id for j in store.jobs(runs[0].run_id)):  # accepted by SageMaker
-                run_id = runs[0].run_id
-                break
-            if runner.poll() is not None:
-                pytest.fail(f"runner exited early: {runner.stdout.read() if runner.stdout else ''}")
-            time.sleep(0.2)
-        assert run_id is not None, "the runner never recorded the training job"
-    finally:
-        runner.send_signal(signal.SIGKILL)
-        runner.wait(timeout=10)
-    job = store.jobs(run_id)[0].job_name
-    assert sm_client(backend).describe_training_job(TrainingJobName=job)["TrainingJobStatus"] == "InProgress"
-    creates = stats(backend)["calls"]["CreateTrainingJob"]
-
-    resumed = cli(["resume", run_id, "--no-progress"], environ, project)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "succeeded" in resumed.stdout.splitlines()[-1]
-    assert store.get_run(run_id).status == "succeeded"
-    steps = {s.step: s for s in store.steps(run_id)}
-    assert steps["nap"].status == "succeeded" and steps["after_nap"].status == "succeeded"
-    after = stats(backend)
-    assert after["calls"]["CreateTrainingJob"] == creates, "resume sent CreateTrainingJob"
-    assert after["created"][job] == 1
+    backend = sm_stack["backend"]
+    job = sigkill_after_submit_then_resume(sm_stack["project"], MODULE,
+                                           lambda: int(stats(backend)["calls"].get("CreateTrainingJob", 0)))
+    assert stats(backend)["created"][job.job_name] == 1
 
 
 # ------------------------------------------------------------------------------ failures
@@ -611,16 +587,5 @@ async def test_a_job_description_gives_nothing_to_forge_a_payload_or_output_with
 @docker_test
 @pytest.mark.parametrize("phase", ["job.recorded", "job.submitted"])
 def test_sigkill_at_submit_time_then_resume_creates_each_job_once(phase: str, sm_stack: dict[str, Any]) -> None:
-    backend, project = sm_stack["backend"], sm_stack["project"]
-    run_id = f"smcrash-{phase.replace('.', '-')}-{uuid.uuid4().hex[:6]}"
-    environ = {**cli_env(project), "STEPFLOW_FAILPOINTS": phase}
-    killed = cli(["run", f"{MODULE}:sleepy", "-p", "seconds=2", "--run-id", run_id, "--no-progress"], environ, project)
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    resumed = cli(["resume", run_id, "--no-progress"], cli_env(project), project)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    from stepflow._store.runs import RunStore
-
-    store = RunStore()
-    assert store.get_run(run_id).status == "succeeded"
-    (job,) = store.jobs(run_id)
-    assert stats(backend)["created"][job.job_name] == 1
+    job = sigkill_at_failpoint_then_resume(sm_stack["project"], MODULE, phase)
+    assert stats(sm_stack["backend"])["created"][job.job_name] == 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,16 @@ from stepflow import EventBus, run
 from stepflow._stack.client import Client
 from stepflow.errors import ConfigError, PipelineDefinitionError
 from stepflow.events import ImageBuildFinished, ImagePushed, JobStatusChanged, JobSubmitted, LogLine, StepCancelled
-from tests.docker_env import REGISTRY, docker_test, remove_local_images, require_docker, run_with_events, shared_pipes
+from tests.docker_env import (
+    REGISTRY,
+    docker_test,
+    remove_local_images,
+    require_docker,
+    run_with_events,
+    shared_pipes,
+    sigkill_after_submit_then_resume,
+    sigkill_at_failpoint_then_resume,
+)
 from tests.services import gcs_emulator
 
 __all__ = ["gcs_emulator"]
@@ -243,50 +251,16 @@ async def test_cancelling_the_run_cancels_every_custom_job(vx_stack: dict[str, A
 
 @docker_test
 def test_sigkill_then_resume_creates_no_custom_job_twice(vx_stack: dict[str, Any]) -> None:
-    from stepflow._store.runs import RunStore
-
-    vertex, project = vx_stack["vertex"], vx_stack["project"]
-    runner = subprocess.Popen([sys.executable, "-m", "stepflow", "run", f"{MODULE}:sleepy", "-p", "seconds=8",
-                               "--no-progress"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, "PYTHONPATH": str(project)})
-    store = RunStore()
-    run_id = None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and run_id is None:
-            runs = store.list_runs(1)
-            if runs and any(j.job_id for j in store.jobs(runs[0].run_id)):
-                run_id = runs[0].run_id
-            elif runner.poll() is not None:
-                pytest.fail(f"runner exited early: {runner.stdout.read() if runner.stdout else ''}")
-            time.sleep(0.2)
-        assert run_id is not None, "the runner never recorded the custom job"
-    finally:
-        runner.send_signal(signal.SIGKILL)
-        runner.wait(timeout=10)
-    before = creates(vertex)
-    resumed = cli(["resume", run_id, "--no-progress"], project)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert store.get_run(run_id).status == "succeeded"
-    assert creates(vertex) == before, "resume sent CreateCustomJob"
-    (job,) = store.jobs(run_id)
+    vertex = vx_stack["vertex"]
+    job = sigkill_after_submit_then_resume(vx_stack["project"], MODULE, lambda: creates(vertex))
     assert vertex.stats()["created"][job.job_name] == 1
 
 
 @docker_test
 @pytest.mark.parametrize("phase", ["job.recorded", "job.submitted"])
 def test_sigkill_at_submit_time_then_resume_creates_each_job_once(phase: str, vx_stack: dict[str, Any]) -> None:
-    from stepflow._store.runs import RunStore
-
-    vertex, project = vx_stack["vertex"], vx_stack["project"]
-    run_id = f"vxcrash-{phase.replace('.', '-')}-{uuid.uuid4().hex[:6]}"
-    killed = cli(["run", f"{MODULE}:sleepy", "-p", "seconds=1", "--run-id", run_id, "--no-progress"], project,
-                 STEPFLOW_FAILPOINTS=phase)
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    resumed = cli(["resume", run_id, "--no-progress"], project)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    (job,) = RunStore().jobs(run_id)
-    assert vertex.stats()["created"][job.job_name] == 1
+    job = sigkill_at_failpoint_then_resume(vx_stack["project"], MODULE, phase)
+    assert vx_stack["vertex"].stats()["created"][job.job_name] == 1
 
 
 # ------------------------------------------------------------------------------ failures, bad input
