@@ -359,3 +359,44 @@ def sigkill_at_failpoint_then_resume(project: Any, module: str, phase: str) -> A
                             timeout=240)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     return _resume(project, run_id)
+
+
+async def cancel_once_running(p: Any, running: Callable[[Any], bool], count: int = 4) -> tuple[set[str], float,
+                                                                                               list[Any]]:
+    """Run ``p``; once ``count`` jobs had a ``JobStatusChanged`` that ``running`` accepts, cancel the run.
+
+    Returns those jobs' ids, when the run was cancelled (``time.monotonic()``) and every event.
+    """
+    import time
+
+    import anyio
+
+    from stepflow import EventBus, run
+    from stepflow.events import JobStatusChanged
+
+    bus = EventBus()
+    jobs: set[str] = set()
+    seen: list[Any] = []
+    async with bus.subscribe() as events:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: run(p, event_bus=bus))
+                with anyio.fail_after(180):
+                    while len(jobs) < count:
+                        seen += events.pending()
+                        jobs = {e.job_id for e in seen if isinstance(e, JobStatusChanged) and running(e)}
+                        await anyio.sleep(0.1)
+                cancelled_at = time.monotonic()
+                scope.cancel()
+        seen += events.pending()
+    return jobs, cancelled_at, seen
+
+
+def seconds_until(done: Callable[[], bool], since: float, limit: float = 30.0) -> float:
+    """Poll ``done()`` until it holds (at most ``limit`` s after ``since``); the seconds it took since ``since``."""
+    import time
+
+    while not done() and time.monotonic() - since < limit:
+        time.sleep(0.1)
+    assert done(), f"still not done {limit:.0f} s later"
+    return time.monotonic() - since

@@ -43,10 +43,12 @@ from stepflow.events import (
 )
 from tests.docker_env import (
     REGISTRY,
+    cancel_once_running,
     docker_test,
     remove_local_images,
     require_docker,
     run_with_events,
+    seconds_until,
     shared_pipes,
     sigkill_after_submit_then_resume,
     sigkill_at_failpoint_then_resume,
@@ -334,30 +336,11 @@ async def test_twenty_parallel_steps_under_twenty_percent_throttling(sm_stack: d
 async def test_cancelling_the_run_stops_every_training_job(sm_stack: dict[str, Any]) -> None:
     backend = sm_stack["backend"]
     before = stats(backend)["calls"].get("StopTrainingJob", 0)
-    bus = EventBus()
-    jobs: set[str] = set()
-    async with bus.subscribe() as events:
-        seen: list[Any] = []
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: run(pipes().naps(4, 120), event_bus=bus))
-                with anyio.fail_after(180):
-                    while len(jobs) < 4:  # every job's container is running
-                        seen += events.pending()
-                        jobs = {e.job_id for e in seen if isinstance(e, JobStatusChanged) and e.detail == "Training"}
-                        await anyio.sleep(0.1)
-                t0 = time.monotonic()
-                scope.cancel()
-        seen += events.pending()
+    # Running: every job's container is up.
+    jobs, t0, seen = await cancel_once_running(pipes().naps(4, 120), lambda e: e.detail == "Training")
     client = sm_client(backend)
-
-    def all_stopped() -> bool:
-        return all(client.describe_training_job(TrainingJobName=j)["TrainingJobStatus"] == "Stopped" for j in jobs)
-
-    while not all_stopped() and time.monotonic() - t0 < 30:
-        time.sleep(0.1)
-    stopped_in = time.monotonic() - t0
-    assert all_stopped()
+    stopped_in = seconds_until(lambda: all(client.describe_training_job(TrainingJobName=j)["TrainingJobStatus"]
+                                           == "Stopped" for j in jobs), t0)
     assert stopped_in <= 5.0, f"the jobs took {stopped_in:.1f} s to reach Stopped"
     print(f"\n4 in-flight training jobs reached Stopped {stopped_in:.1f} s after the run was cancelled")
     assert stats(backend)["calls"]["StopTrainingJob"] - before >= 4

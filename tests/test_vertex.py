@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +28,12 @@ from stepflow.errors import ConfigError, PipelineDefinitionError
 from stepflow.events import ImageBuildFinished, ImagePushed, JobStatusChanged, JobSubmitted, LogLine, StepCancelled
 from tests.docker_env import (
     REGISTRY,
+    cancel_once_running,
     docker_test,
     remove_local_images,
     require_docker,
     run_with_events,
+    seconds_until,
     shared_pipes,
     sigkill_after_submit_then_resume,
     sigkill_at_failpoint_then_resume,
@@ -220,31 +221,12 @@ async def test_cancelling_the_run_cancels_every_custom_job(vx_stack: dict[str, A
     from google.cloud.aiplatform_v1 import JobServiceClient
     from google.cloud.aiplatform_v1.services.job_service.transports import JobServiceGrpcTransport
 
-    vertex = vx_stack["vertex"]
-    bus = EventBus()
-    jobs: set[str] = set()
-    async with bus.subscribe() as events:
-        seen: list[Any] = []
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: run(pipes().naps(4, 120), event_bus=bus))
-                with anyio.fail_after(180):
-                    while len(jobs) < 4:
-                        seen += events.pending()
-                        jobs = {e.job_id for e in seen if isinstance(e, JobStatusChanged) and e.status == "RUNNING"}
-                        await anyio.sleep(0.1)
-                t0 = time.monotonic()
-                scope.cancel()
-        seen += events.pending()
-    client = JobServiceClient(transport=JobServiceGrpcTransport(channel=grpc.insecure_channel(vertex.endpoint)))
-
-    def all_cancelled() -> bool:
-        return all(client.get_custom_job(name=j).state.name == "JOB_STATE_CANCELLED" for j in jobs)
-
-    while not all_cancelled() and time.monotonic() - t0 < 30:
-        time.sleep(0.1)
-    took = time.monotonic() - t0
-    assert all_cancelled() and took <= 5.0, f"{took:.1f} s"
+    jobs, t0, seen = await cancel_once_running(pipes().naps(4, 120), lambda e: e.status == "RUNNING")
+    channel = grpc.insecure_channel(vx_stack["vertex"].endpoint)
+    client = JobServiceClient(transport=JobServiceGrpcTransport(channel=channel))
+    took = seconds_until(lambda: all(client.get_custom_job(name=j).state.name == "JOB_STATE_CANCELLED"
+                                     for j in jobs), t0)
+    assert took <= 5.0, f"{took:.1f} s"
     print(f"\n4 in-flight custom jobs reached CANCELLED {took:.1f} s after the run was cancelled")
     assert len([e for e in seen if isinstance(e, StepCancelled)]) == 4
 
