@@ -9,21 +9,8 @@ import shutil
 import signal
 import sys
 
+from .._common import env_pair, rate
 from .server import DEFAULT_SUBSCRIPTION, LocalAzureML
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a rate is between 0 and 1, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,15 +27,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a compute cluster of the workspace (repeatable; default: cpu-cluster)")
     p.add_argument("--certificate-file", default=None,
                    help="also copy the server's self-signed certificate (PEM) to this path, for clients to trust")
-    p.add_argument("--throttle-rate", type=_rate, default=0.0, help="fraction of API calls answered HTTP 429")
-    p.add_argument("--error-rate", type=_rate, default=0.0, help="fraction of API calls answered HTTP 503")
+    p.add_argument("--throttle-rate", type=rate, default=0.0, help="fraction of API calls answered HTTP 429")
+    p.add_argument("--error-rate", type=rate, default=0.0, help="fraction of API calls answered HTTP 503")
     p.add_argument("--seed", type=int, default=None, help="seed of the fault-injection RNG")
     p.add_argument("--network", default="host", help="Docker network mode of the job containers")
     p.add_argument("--docker-url", default=None, help="Docker daemon (default: DOCKER_HOST or the local socket)")
     p.add_argument("--stop-grace", type=float, default=2.0, help="seconds from SIGTERM to SIGKILL on cancel")
     p.add_argument("--phase-delay", type=float, default=0.0,
                    help="seconds spent in Starting, Preparing, Queued and Finalizing, so pollers see them")
-    p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="environment of every job container, standing in for the compute's managed identity "
                         "(repeatable)")
     p.add_argument("--log-level", default="INFO")

@@ -29,6 +29,7 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
+from .._common import unless_set
 from .._docker import ImagePuller
 from .validation import compute_name, job_timeout
 
@@ -252,20 +253,9 @@ class DockerRunner:
                    f"Please check log file '{LOG_NAME}' for more details.")
         return f"{message}\nError: {tail}" if tail else message
 
-    async def _until_cancel(self, job: Job, work: Awaitable[Any]) -> Any:
-        """Await ``work`` unless the job is cancelled first (then raise _Cancel)."""
-        task = asyncio.ensure_future(work)
-        stop = asyncio.ensure_future(job.cancel_requested.wait())
-        try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if not task.done():
-            task.cancel()
-            raise _Cancel
-        if job.cancel_requested.is_set():
-            raise _Cancel
-        return task.result()
+    async def _until_cancel(self, job: Any, work: Awaitable[Any]) -> Any:
+        """Await ``work`` unless the job is asked to stop first (then raise _Cancel)."""
+        return await unless_set(job.cancel_requested, work, _Cancel)
 
     async def _wait(self, job: Job, container: Any, timeout: float | None) -> bool:
         """Wait for the container's exit; True when the job was cancelled (the container is then stopped).

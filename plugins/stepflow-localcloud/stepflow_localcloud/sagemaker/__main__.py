@@ -8,22 +8,9 @@ import logging
 import signal
 import sys
 
+from .._common import env_pair, rate
 from .credentials import RoleCredentials
 from .server import LocalSageMaker
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a rate is between 0 and 1, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,15 +28,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: --aws-endpoint, else --logs-endpoint)")
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--account-id", default="123456789012")
-    p.add_argument("--throttle-rate", type=_rate, default=0.0, help="fraction answered ThrottlingException")
-    p.add_argument("--error-rate", type=_rate, default=0.0, help="fraction answered HTTP 500/503")
+    p.add_argument("--throttle-rate", type=rate, default=0.0, help="fraction answered ThrottlingException")
+    p.add_argument("--error-rate", type=rate, default=0.0, help="fraction answered HTTP 500/503")
     p.add_argument("--seed", type=int, default=None, help="seed of the fault-injection RNG")
     p.add_argument("--network", default="host", help="Docker network mode of the job containers")
     p.add_argument("--docker-url", default=None, help="Docker daemon (default: DOCKER_HOST or the local socket)")
     p.add_argument("--stop-grace", type=float, default=2.0, help="seconds from SIGTERM to SIGKILL on stop")
     p.add_argument("--phase-delay", type=float, default=0.0,
                    help="seconds spent in Starting and Uploading, so pollers see them")
-    p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for every job container (repeatable)")
     creds = p.add_argument_group(
         "job role credentials",

@@ -33,6 +33,7 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
+from .._common import unless_set
 from .credentials import CredentialsEndpoint
 from .cwlogs import LogShipper
 from .s3data import DEFAULT_CHECKPOINT_PATH, FAILURE_LIMIT, DataError, S3Data, failure_text
@@ -286,7 +287,7 @@ class DockerExecutor:
         try:
             if succeeded and not stopped and outcome != "timeout":
                 job.transition("Uploading")
-            await self._upload(job, container, artifacts=succeeded)
+            await self._upload(job, container, artifacts=succeeded, stopped=stopped or outcome == "timeout")
         except DataError as exc:
             return "Failed", str(exc)
         if stopped:
@@ -328,7 +329,7 @@ class DockerExecutor:
             archives.append(await self.data.download(checkpoints["S3Uri"], local, required=False))
         return [a for a in archives if a is not None]
 
-    async def _upload(self, job: TrainingJob, container: Any, *, artifacts: bool) -> None:
+    async def _upload(self, job: TrainingJob, container: Any, *, artifacts: bool, stopped: bool) -> None:
         """Checkpoints back to S3 whatever the outcome; the model and output data unless the job failed."""
         if self.data is None:
             return
@@ -337,7 +338,8 @@ class DockerExecutor:
             await self.data.sync_up(container, checkpoints.get("LocalPath") or DEFAULT_CHECKPOINT_PATH,
                                     checkpoints["S3Uri"])
         if artifacts:
-            await self.data.pack(container, "/opt/ml/model", job.model_uri, always=True)
+            # A completed job always has a model archive; a stopped one only when it saved something.
+            await self.data.pack(container, "/opt/ml/model", job.model_uri, always=not stopped)
             await self.data.pack(container, "/opt/ml/output/data", job.output_uri, always=False)
 
     async def _finish(self, container: Any, shipper: LogShipper | None) -> None:
@@ -347,20 +349,9 @@ class DockerExecutor:
         if shipper is not None:
             await shipper.close()
 
-    async def _until_stop(self, job: TrainingJob, work: Awaitable[Any]) -> Any:
+    async def _until_stop(self, job: Any, work: Awaitable[Any]) -> Any:
         """Await ``work`` unless the job is asked to stop first (then raise _Stop)."""
-        task = asyncio.ensure_future(work)
-        stop = asyncio.ensure_future(job.stop_requested.wait())
-        try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if not task.done():
-            task.cancel()
-            raise _Stop
-        if job.stop_requested.is_set():
-            raise _Stop
-        return task.result()
+        return await unless_set(job.stop_requested, work, _Stop)
 
     async def _wait(self, job: TrainingJob, container: Any) -> str:
         """'exited', 'stopped' (StopTrainingJob) or 'timeout' (MaxRuntimeInSeconds)."""

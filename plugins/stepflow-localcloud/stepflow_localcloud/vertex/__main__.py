@@ -8,21 +8,8 @@ import logging
 import signal
 import sys
 
+from .._common import env_pair, rate
 from .server import DEFAULT_LOCATION, DEFAULT_PROJECT, LocalVertex
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a rate is between 0 and 1, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,15 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--project", default=DEFAULT_PROJECT)
     p.add_argument("--location", default=DEFAULT_LOCATION)
     p.add_argument("--project-number", default=None, help="also accepted for the project in resource names")
-    p.add_argument("--resource-exhausted-rate", type=_rate, default=0.0,
+    p.add_argument("--resource-exhausted-rate", type=rate, default=0.0,
                    help="fraction of CreateCustomJob calls answered RESOURCE_EXHAUSTED (quota)")
-    p.add_argument("--unavailable-rate", type=_rate, default=0.0, help="fraction of all calls answered UNAVAILABLE")
+    p.add_argument("--unavailable-rate", type=rate, default=0.0, help="fraction of all calls answered UNAVAILABLE")
     p.add_argument("--seed", type=int, default=None, help="seed of the fault-injection RNG")
     p.add_argument("--network", default="host", help="Docker network mode of the job containers")
     p.add_argument("--docker-url", default=None, help="Docker daemon (default: DOCKER_HOST or the local socket)")
     p.add_argument("--gcs-endpoint", default=None,
                    help="GCS emulator URL given to job containers as STORAGE_EMULATOR_HOST")
-    p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for every job container (repeatable)")
     p.add_argument("--stop-grace", type=float, default=2.0, help="seconds from SIGTERM to SIGKILL on cancel")
     p.add_argument("--phase-delay", type=float, default=0.0,

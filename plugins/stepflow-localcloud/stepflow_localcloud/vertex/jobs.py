@@ -36,6 +36,7 @@ from google.cloud import aiplatform_v1
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
+from .._common import unless_set
 from .._docker import ImagePuller
 from .logs import ERROR, INFO, LogStore
 
@@ -239,20 +240,9 @@ class DockerExecutor:
                        "Termination reason: Error.")
         return code_pb2.INVALID_ARGUMENT, f"{message} {_logs_hint(job)}"
 
-    async def _until_cancel(self, job: CustomJobRecord, work: Awaitable[Any]) -> Any:
-        """Await ``work`` unless the job is cancelled first (then raise _Cancel)."""
-        task = asyncio.ensure_future(work)
-        cancel = asyncio.ensure_future(job.cancel_requested.wait())
-        try:
-            await asyncio.wait({task, cancel}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            cancel.cancel()
-        if not task.done():
-            task.cancel()
-            raise _Cancel
-        if job.cancel_requested.is_set():
-            raise _Cancel
-        return task.result()
+    async def _until_cancel(self, job: Any, work: Awaitable[Any]) -> Any:
+        """Await ``work`` unless the job is asked to stop first (then raise _Cancel)."""
+        return await unless_set(job.cancel_requested, work, _Cancel)
 
     async def _wait(self, job: CustomJobRecord, container: Any) -> str:
         """'exited', 'cancelled' (CancelCustomJob) or 'timeout' (scheduling.timeout)."""
