@@ -35,7 +35,7 @@ def test_import_is_light_and_imports_no_cloud_sdk() -> None:
     # Namespace packages (a bare `google` a .pth file makes at startup) carry no code and do not count.
     code = ("import sys, stepflow; heavy = [m for m, mod in list(sys.modules.items()) if m.split('.')[0] in "
             "('boto3','botocore','aiobotocore','google','azure','aiodocker','docker','rich','click',"
-            "'structlog','cloudpickle','grpc','httpx','cryptography') and getattr(mod, '__file__', None)]; "
+            "'structlog','cloudpickle','grpc','httpx','cryptography','dask','distributed') and getattr(mod, '__file__', None)]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
